@@ -1,0 +1,7 @@
+"""``python -m groupvit_core`` runs the ``groupvit`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
