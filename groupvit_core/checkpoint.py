@@ -101,7 +101,9 @@ def _no_duplicate_pairs(path: str) -> Callable[[Iterable[Tuple[str, Any]]], dict
 
 def _bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     """Widen raw bfloat16 bit patterns (uint16) to float32; exact, NaN payloads kept."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    widened = np.array(bits, dtype=np.uint32)  # an array even for 0-d input (a shift would give a scalar)
+    widened <<= 16
+    return widened.view(np.float32)
 
 
 def _float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:

@@ -67,7 +67,8 @@ def save_pretrained(directory: Union[str, os.PathLike], config: AnyConfig, state
     check_state(state, config, source="the model's state")
     config.save_pretrained(directory)
     path = os.path.join(directory, WEIGHT_FILES[format])
-    arrays = {name: np.ascontiguousarray(array) for name, array in state.items()}
+    # np.ascontiguousarray would turn 0-d tensors (logit_scale, counters) into shape (1,).
+    arrays = {name: np.asarray(array, order="C") for name, array in state.items()}
     if format == "safetensors":
         checkpoint.write_safetensors(path, arrays, metadata={"format": "pt"})
     elif format == "bin":
