@@ -317,3 +317,93 @@ def first_end_positions(input_ids: np.ndarray, text_config: GroupViTTextConfig) 
     if text_config.legacy_eos_pooling:
         return np.argmax(input_ids, axis=-1)
     return np.argmax(input_ids == text_config.eos_token_id, axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One tolerance table for every numerical comparison (golden tests of both frameworks and the parity suite)
+# ----------------------------------------------------------------------------------------------------------------
+
+#: kind -> (absolute, relative) tolerance, fp32. Logits 1e-4, embeddings and assignment maps 1e-5,
+#: segmentation logits 2e-3; hidden states grow with depth and are compared with a relative term too.
+TOLERANCES: Dict[str, Tuple[float, float]] = {
+    "logits": (1e-4, 0.0),
+    "embeds": (1e-5, 0.0),
+    "assignment": (1e-5, 0.0),
+    "segmentation": (2e-3, 0.0),
+    "attentions": (1e-5, 0.0),
+    "features": (1e-5, 1e-5),
+    "hidden": (1e-4, 1e-4),
+    # Gradients sum many terms: the relative part is taken against the tensor's largest magnitude.
+    "gradients": (1e-5, 1e-4),
+}
+TENSOR_RELATIVE_KINDS = frozenset({"gradients"})
+
+
+def tolerance_kind(key: str) -> str:
+    """The row of TOLERANCES that a named output belongs to (``interp_`` prefixes and ``[i]`` suffixes ignored)."""
+    base = key[len("interp_"):] if key.startswith("interp_") else key
+    base = base.split("[")[0]
+    if base.startswith(("logits", "loss")):
+        return "logits"
+    if base.endswith("_embeds"):
+        return "embeds"
+    if base.startswith("assignment"):
+        return "assignment"
+    if base.startswith("segmentation"):
+        return "segmentation"
+    if base == "text_attentions":
+        return "attentions"
+    if base.endswith("_features"):
+        return "features"
+    if base.startswith("grad"):
+        return "gradients"
+    return "hidden"
+
+
+def compare_arrays(key: str, got: np.ndarray, expected: np.ndarray, kind: Optional[str] = None) -> Optional[str]:
+    """None when ``got`` matches ``expected`` within the tolerance of its kind, else a message naming the tensor."""
+    got = np.asarray(got, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    if got.shape != expected.shape:
+        return f"{key}: shape {got.shape} != expected {expected.shape}"
+    if got.size == 0:
+        return None
+    kind = kind or tolerance_kind(key)
+    atol, rtol = TOLERANCES[kind]
+    if not np.all(np.isfinite(got)):
+        return f"{key}: non-finite values"
+    scale = np.abs(expected).max() if kind in TENSOR_RELATIVE_KINDS else np.abs(expected)
+    excess = np.abs(got - expected) - (atol + rtol * scale)
+    if excess.max() > 0:
+        worst = np.unravel_index(np.argmax(excess), excess.shape)
+        return (f"{key}: max |diff| {np.abs(got - expected).max():.3g} > atol {atol:g} + rtol {rtol:g} "
+                f"(at {tuple(int(i) for i in worst)}: {got[worst]!r} vs {expected[worst]!r})")
+    return None
+
+
+def first_divergence(pairs) -> Optional[str]:
+    """Compare ``(key, got, expected)`` triples in computation order; report the first that diverges.
+
+    The message names the first diverging tensor and how many later ones diverge too, so a failure points at the
+    layer where two implementations part ways rather than at everything downstream of it.
+    """
+    problems = [p for p in (compare_arrays(key, got, expected) for key, got, expected in pairs) if p]
+    if not problems:
+        return None
+    more = f" (and {len(problems) - 1} later tensor(s))" if len(problems) > 1 else ""
+    return f"first diverging tensor: {problems[0]}{more}"
+
+
+def hard_assignment_agreement(soft_a: np.ndarray, soft_b: np.ndarray, min_margin: float = 1e-3):
+    """Compare the hard assignments (argmax over groups, axis -2) of two soft maps of shape (batch, groups, tokens).
+
+    The margin is the gap between the best and second-best pre-softmax score, log(p1) - log(p2), read from
+    ``soft_a``. Tokens whose margin is below ``min_margin`` are near-ties: either group is a correct answer, so
+    they are counted, not compared. Returns (number of clear tokens that disagree, number of near-ties).
+    """
+    soft_a = np.asarray(soft_a, dtype=np.float64)
+    top2 = np.sort(np.log(np.maximum(soft_a, 1e-300)), axis=-2)[..., -2:, :]
+    margin = top2[..., 1, :] - top2[..., 0, :]
+    clear = margin >= min_margin
+    disagree = np.argmax(soft_a, axis=-2) != np.argmax(np.asarray(soft_b), axis=-2)
+    return int(np.sum(disagree & clear)), int(np.sum(~clear))

@@ -1,0 +1,1302 @@
+"""GroupViT in Keras 3 on the TensorFlow backend: text tower, grouping vision tower and contrastive heads.
+
+Twin of ``groupvit_pt/modeling.py``: the same classes in the same order (with a ``TF`` prefix) and the same
+attribute names, which are the checkpoint's name segments (``vision_model.encoder.stages.1.downsample.assign``).
+Weights move in and out only as canonical numpy arrays (Hub PyTorch names and layouts): ``canonical_variables``
+walks the attributes in canonical naming and every layout change comes from ``groupvit_core.weights``.
+
+TensorFlow specifics worth knowing:
+- Inputs may be numpy arrays or tensors; ``pixel_values`` are (batch, channels, height, width) as in PyTorch.
+- Eagerly, bad inputs raise ValueError. Inside ``tf.function`` the checks that need values (token ids in range,
+  dynamic lengths) become ``tf.debugging`` assertions and raise ``tf.errors.InvalidArgumentError`` when run.
+  Under XLA (``jit_compile=True``) TensorFlow drops assertions, so out-of-range ids then give NaN embeddings
+  instead of silently reading a clamped row.
+- Image height and width must be static under ``tf.function`` (the batch may be dynamic): resizes are constant
+  matrices built for the traced size (groupvit_core.resize), so the arithmetic equals PyTorch's interpolate.
+- Outputs are groupvit_core.outputs mappings, returned as such from eager calls, ``tf.function`` (tf.nest sees
+  mappings) and ``Model.predict`` (registered with Keras' optree namespace). As the reference,
+  ``output_segmentation=True`` also returns the attentions of both towers.
+- Training: Gumbel noise in the assignments unless ``set_gumbel(False)``; straight-through hard assignment;
+  BatchNorm as torch computes it (batch statistics, unbiased running variance, a ``num_batches_tracked``
+  counter), which Keras' own BatchNormalization does not (it updates the moving variance with the biased
+  estimate). The segmentation's grouping carries no gradient, as in the reference (torch.no_grad).
+- Keras conventions: ``get_config()`` is the GroupViT config's ``to_dict()``; ``model.save("x.keras")`` and
+  ``keras.models.load_model`` round-trip; ``model.export(dir)`` writes a SavedModel with a ``serve`` endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from groupvit_core import loading
+from groupvit_core.config import GroupViTConfig, GroupViTTextConfig, GroupViTVisionConfig, StageSpec
+from groupvit_core.outputs import BaseModelOutputWithPooling, GroupViTModelOutput
+from groupvit_core.resize import attention_grid, bicubic_matrix, bilinear_matrix
+from groupvit_core.weights import check_state, spec_table, weight_specs
+
+# The projection heads' BatchNorm1d, as the reference builds it (Keras momentum 0.9 == torch momentum 0.1).
+BATCH_NORM_EPS = 1e-5
+BATCH_NORM_MOMENTUM = 0.9
+# transformers' GroupViTConfig hard-codes these for the joint model's initialisation.
+JOINT_INITIALIZER_RANGE = 0.02
+JOINT_INITIALIZER_FACTOR = 1.0
+
+AnyConfig = Union[GroupViTConfig, GroupViTTextConfig, GroupViTVisionConfig]
+_FLOAT_MIN = float(np.finfo(np.float32).min)  # masked scores, as the reference's torch.finfo(dtype).min
+_SERIALIZABLE_PACKAGE = "groupvit_tf"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Functions
+# ----------------------------------------------------------------------------------------------------------
+
+
+def activation(name: str):
+    """The activation function named by a config's ``hidden_act``."""
+    if name == "quick_gelu":
+        return lambda x: x * tf.sigmoid(1.702 * x)
+    if name == "gelu":
+        return lambda x: tf.nn.gelu(x, approximate=False)
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: tf.nn.gelu(x, approximate=True)
+    if name == "relu":
+        return tf.nn.relu
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+def _first_max_one_hot(values: tf.Tensor, axis: int) -> tf.Tensor:
+    # One-hot of the maximum along `axis`; exact ties go to the LOWEST index, as torch.max does.
+    is_max = tf.equal(values, tf.reduce_max(values, axis=axis, keepdims=True))
+    first = tf.logical_and(is_max, tf.equal(tf.cumsum(tf.cast(is_max, tf.int32), axis=axis), 1))
+    return tf.cast(first, values.dtype)
+
+
+def hard_softmax(logits: tf.Tensor, axis: int) -> tf.Tensor:
+    """One-hot of the softmax's argmax with a straight-through gradient (y_hard - stop_grad(y_soft) + y_soft)."""
+    y_soft = tf.nn.softmax(logits, axis=axis)
+    y_hard = _first_max_one_hot(y_soft, axis)
+    return y_hard - tf.stop_gradient(y_soft) + y_soft
+
+
+def gumbel_softmax(logits: tf.Tensor, axis: int = -1, hard: bool = False, tau: float = 1.0,
+                   seed: Optional[int] = None) -> tf.Tensor:
+    """Softmax of ``(logits + Gumbel noise) / tau``; with ``hard`` the straight-through one-hot of its argmax.
+
+    The noise is -log(-log(U)) with U uniform in [tiny, 1), so both logarithms stay finite (no
+    tensorflow_probability needed).
+    """
+    tiny = float(np.finfo(logits.dtype.as_numpy_dtype).tiny)
+    uniform = tf.random.uniform(tf.shape(logits), minval=tiny, maxval=1.0, dtype=logits.dtype, seed=seed)
+    gumbels = -tf.math.log(-tf.math.log(uniform))
+    y_soft = tf.nn.softmax((logits + gumbels) / tau, axis=axis)
+    if not hard:
+        return y_soft
+    y_hard = _first_max_one_hot(y_soft, axis)
+    return y_hard - tf.stop_gradient(y_soft) + y_soft
+
+
+def contrastive_loss(logits: tf.Tensor) -> tf.Tensor:
+    """Mean cross-entropy of each row against its own index (the matching pair)."""
+    labels = tf.range(tf.shape(logits)[0])
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+
+
+def groupvit_loss(logits_per_text: tf.Tensor) -> tf.Tensor:
+    """CLIP loss: the mean of the text->image and image->text cross-entropies, a scalar."""
+    texts, images = logits_per_text.shape[0], logits_per_text.shape[1]
+    if texts is not None and images is not None and texts != images:
+        raise ValueError(
+            f"return_loss needs as many images as texts (matching pairs), got {images} images and {texts} texts"
+        )
+    checks = []
+    if texts is None or images is None:
+        shape = tf.shape(logits_per_text)
+        checks.append(tf.debugging.assert_equal(
+            shape[0], shape[1], message="return_loss needs as many images as texts (matching pairs)"))
+    with tf.control_dependencies(checks):
+        caption_loss = contrastive_loss(logits_per_text)
+        image_loss = contrastive_loss(tf.transpose(logits_per_text))
+    return (caption_loss + image_loss) / 2.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------------------
+
+
+class TFGroupViTAttention(keras.layers.Layer):
+    """Multi-head attention (self or cross) with head_dim**-0.5 scaling applied to the queries."""
+
+    _canonical_attrs = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+        self._hidden_size = hidden_size
+        self._num_heads = num_heads
+        self._head_dim = hidden_size // num_heads
+        self._scale = self._head_dim ** -0.5
+        self._dropout = float(dropout)
+        self.q_proj = _dense(hidden_size, hidden_size, "q_proj")
+        self.k_proj = _dense(hidden_size, hidden_size, "k_proj")
+        self.v_proj = _dense(hidden_size, hidden_size, "v_proj")
+        self.out_proj = _dense(hidden_size, hidden_size, "out_proj")
+        self.built = True
+
+    def _split_heads(self, tensor: tf.Tensor) -> tf.Tensor:
+        batch, length = tf.shape(tensor)[0], tf.shape(tensor)[1]
+        tensor = tf.reshape(tensor, [batch, length, self._num_heads, self._head_dim])
+        return tf.transpose(tensor, [0, 2, 1, 3])  # (batch, heads, length, head_dim)
+
+    def call(self, hidden_states, encoder_hidden_states=None, attention_mask=None, causal: bool = False,
+             output_attentions: bool = False, training: bool = False):
+        """Returns (output, probabilities or None). ``attention_mask``: boolean (True = attend) or additive,
+        broadcastable to (batch, heads, queries, keys)."""
+        source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query = self._split_heads(self.q_proj(hidden_states) * self._scale)
+        key = self._split_heads(self.k_proj(source))
+        value = self._split_heads(self.v_proj(source))
+        scores = tf.matmul(query, key, transpose_b=True)  # (batch, heads, queries, keys)
+        if causal:
+            queries, keys = tf.shape(scores)[2], tf.shape(scores)[3]
+            lower = tf.cast(tf.linalg.band_part(tf.ones([queries, keys]), -1, 0), tf.bool)
+            scores = scores + tf.where(lower, 0.0, _FLOAT_MIN)
+        if attention_mask is not None:
+            if attention_mask.dtype == tf.bool:  # as additive: where causal also masks, the sum is -inf
+                attention_mask = tf.where(attention_mask, 0.0, _FLOAT_MIN)
+            scores = scores + tf.cast(attention_mask, scores.dtype)
+        probs = tf.nn.softmax(scores, axis=-1)
+        dropped = tf.nn.dropout(probs, rate=self._dropout) if training and self._dropout > 0 else probs
+        output = tf.matmul(dropped, value)  # (batch, heads, queries, head_dim)
+        output = tf.transpose(output, [0, 2, 1, 3])
+        output = tf.reshape(output, [tf.shape(output)[0], tf.shape(output)[1], self._hidden_size])
+        return self.out_proj(output), (probs if output_attentions else None)
+
+
+class TFGroupViTMLP(keras.layers.Layer):
+    """fc1 -> activation (config.hidden_act) -> fc2 along the last axis."""
+
+    _canonical_attrs = ("fc1", "fc2")
+
+    def __init__(self, hidden_act: str, in_features: int, intermediate_size: int, out_features: int,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._activation = activation(hidden_act)
+        self.fc1 = _dense(in_features, intermediate_size, "fc1")
+        self.fc2 = _dense(intermediate_size, out_features, "fc2")
+        self.built = True
+
+    def call(self, hidden_states, training: bool = False):
+        return self.fc2(self._activation(self.fc1(hidden_states)))
+
+
+class TFGroupViTMixerMLP(TFGroupViTMLP):
+    """The MLP applied along the token axis: (batch, tokens, channels) -> (batch, out_tokens, channels)."""
+
+    def call(self, hidden_states, training: bool = False):
+        hidden_states = tf.transpose(hidden_states, [0, 2, 1])  # (batch, channels, tokens)
+        hidden_states = super().call(hidden_states, training=training)
+        return tf.transpose(hidden_states, [0, 2, 1])  # (batch, out_tokens, channels)
+
+
+class TFGroupViTEncoderLayer(keras.layers.Layer):
+    """Pre-LayerNorm transformer layer: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    _canonical_attrs = ("self_attn", "layer_norm1", "mlp", "layer_norm2")
+
+    def __init__(self, config, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        hidden = config.hidden_size
+        self.self_attn = TFGroupViTAttention(hidden, config.num_attention_heads, config.attention_dropout,
+                                             name="self_attn")
+        self.layer_norm1 = _layer_norm(hidden, config.layer_norm_eps, "layer_norm1")
+        self.mlp = TFGroupViTMLP(config.hidden_act, hidden, config.intermediate_size, hidden, name="mlp")
+        self.layer_norm2 = _layer_norm(hidden, config.layer_norm_eps, "layer_norm2")
+        self.built = True
+
+    def call(self, hidden_states, attention_mask=None, output_attentions: bool = False, training: bool = False):
+        residual = hidden_states
+        hidden_states, probs = self.self_attn(self.layer_norm1(hidden_states), attention_mask=attention_mask,
+                                              output_attentions=output_attentions, training=training)
+        hidden_states = residual + hidden_states
+        hidden_states = hidden_states + self.mlp(self.layer_norm2(hidden_states), training=training)
+        return hidden_states, probs
+
+
+class TFGroupViTCrossAttentionLayer(keras.layers.Layer):
+    """Group tokens attend to image tokens (no pre-norm), MLP, then a post LayerNorm."""
+
+    _canonical_attrs = ("attn", "norm2", "mlp", "norm_post")
+
+    def __init__(self, config: GroupViTVisionConfig, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        hidden = config.hidden_size
+        self.attn = TFGroupViTAttention(hidden, config.num_attention_heads, config.attention_dropout, name="attn")
+        self.norm2 = _layer_norm(hidden, config.layer_norm_eps, "norm2")
+        self.mlp = TFGroupViTMLP(config.hidden_act, hidden, config.intermediate_size, hidden, name="mlp")
+        self.norm_post = _layer_norm(hidden, config.layer_norm_eps, "norm_post")
+        self.built = True
+
+    def call(self, query, key, training: bool = False):
+        hidden_states = query + self.attn(query, encoder_hidden_states=key, training=training)[0]
+        hidden_states = hidden_states + self.mlp(self.norm2(hidden_states), training=training)
+        return self.norm_post(hidden_states)
+
+
+class TFGroupViTAssignAttention(keras.layers.Layer):
+    """Single-head assignment of image tokens to groups: softmax over GROUPS, hard one-hot, straight-through.
+
+    Gumbel noise is added in training, as the reference, unless turned off with the models' ``set_gumbel(False)``
+    (to compare training losses and gradients deterministically. Changing it after a
+    ``tf.function`` was traced needs a retrace.
+    """
+
+    _canonical_attrs = ("q_proj", "k_proj", "v_proj", "proj")
+
+    def __init__(self, config: GroupViTVisionConfig, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        hidden = config.hidden_size
+        self._scale = hidden ** -0.5  # the hidden size, not a head dim: a single head
+        self._assign_eps = config.assign_eps
+        self._gumbel = True
+        self.q_proj = _dense(hidden, hidden, "q_proj")
+        self.k_proj = _dense(hidden, hidden, "k_proj")
+        self.v_proj = _dense(hidden, hidden, "v_proj")
+        self.proj = _dense(hidden, hidden, "proj")
+        self.built = True
+
+    def call(self, query, key, training: bool = False):
+        """query (batch, groups, C), key (batch, tokens, C) -> (new group tokens, soft assignment (batch, groups,
+        tokens))."""
+        value = key
+        query = self.q_proj(query)
+        key = self.k_proj(key)
+        value = self.v_proj(value)
+        raw = tf.matmul(query, key, transpose_b=True) * self._scale  # (batch, groups, tokens)
+        if training and self._gumbel:
+            assignment = gumbel_softmax(raw, axis=-2, hard=True)
+        else:
+            assignment = hard_softmax(raw, axis=-2)
+        soft = tf.nn.softmax(raw, axis=-2)
+        assignment = assignment / (tf.reduce_sum(assignment, axis=-1, keepdims=True) + self._assign_eps)
+        output = self.proj(tf.matmul(assignment, value))  # (batch, groups, C)
+        return output, soft
+
+
+class TFGroupViTTokenAssign(keras.layers.Layer):
+    """Merges a stage's image tokens into ``num_output_groups`` groups (GroupViT's grouping block)."""
+
+    _canonical_attrs = ("norm_tokens", "mlp_inter", "norm_post_tokens", "norm_x", "pre_assign_attn", "assign",
+                        "norm_new_x", "mlp_channels")
+
+    def __init__(self, config: GroupViTVisionConfig, num_group_tokens: int, num_output_groups: int,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        hidden, eps = config.hidden_size, config.layer_norm_eps
+        tokens_dim, channels_dim = config.assign_mlp_dims
+        self.norm_tokens = _layer_norm(hidden, eps, "norm_tokens")
+        self.mlp_inter = TFGroupViTMixerMLP(config.hidden_act, num_group_tokens, tokens_dim, num_output_groups,
+                                            name="mlp_inter")
+        self.norm_post_tokens = _layer_norm(hidden, eps, "norm_post_tokens")
+        self.norm_x = _layer_norm(hidden, eps, "norm_x")
+        self.pre_assign_attn = TFGroupViTCrossAttentionLayer(config, name="pre_assign_attn")
+        self.assign = TFGroupViTAssignAttention(config, name="assign")
+        self.norm_new_x = _layer_norm(hidden, eps, "norm_new_x")
+        self.mlp_channels = TFGroupViTMLP(config.hidden_act, hidden, channels_dim, hidden, name="mlp_channels")
+        self.built = True
+
+    def call(self, image_tokens, group_tokens, training: bool = False):
+        group_tokens = self.norm_tokens(group_tokens)
+        image_tokens = self.norm_x(image_tokens)
+        projected = self.norm_post_tokens(self.mlp_inter(group_tokens, training=training))  # (batch, out, C)
+        projected = self.pre_assign_attn(projected, image_tokens, training=training)
+        new_tokens, soft = self.assign(projected, image_tokens, training=training)
+        new_tokens = new_tokens + projected
+        new_tokens = new_tokens + self.mlp_channels(self.norm_new_x(new_tokens), training=training)
+        return new_tokens, soft
+
+
+class TFGroupViTPatchEmbeddings(keras.layers.Layer):
+    """Non-overlapping patch convolution; NCHW pixels in, (batch, patches, hidden) out (row-major patches)."""
+
+    _canonical_attrs = ("projection",)
+
+    def __init__(self, num_channels: int, hidden_size: int, patch_size: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.projection = keras.layers.Conv2D(
+            hidden_size, kernel_size=patch_size, strides=patch_size, padding="valid", data_format="channels_last",
+            kernel_initializer="zeros", bias_initializer="zeros", name="projection",
+        )
+        self.projection.build((None, None, None, num_channels))
+        self.built = True
+
+    def call(self, pixel_values):
+        pixels = tf.transpose(pixel_values, [0, 2, 3, 1])  # NCHW -> NHWC
+        patches = self.projection(pixels)  # (batch, rows, cols, hidden)
+        rows, cols, hidden = patches.shape[1], patches.shape[2], patches.shape[3]
+        return tf.reshape(patches, [tf.shape(patches)[0], rows * cols, hidden])
+
+
+class TFGroupViTVisionEmbeddings(keras.layers.Layer):
+    """Patch embedding, LayerNorm, THEN the position table (resized bicubic for other input sizes)."""
+
+    _canonical_attrs = ("patch_embeddings", "position_embeddings", "layernorm")
+
+    def __init__(self, config: GroupViTVisionConfig, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._config = config
+        self.patch_embeddings = TFGroupViTPatchEmbeddings(config.num_channels, config.hidden_size, config.patch_size,
+                                                          name="patch_embeddings")
+        self.position_embeddings = self.add_weight(
+            shape=(1, config.num_patches, config.hidden_size), initializer="zeros", name="position_embeddings")
+        self.layernorm = _layer_norm(config.hidden_size, config.layer_norm_eps, "layernorm")
+        self.built = True
+
+    def check_pixels(self, pixel_values: tf.Tensor, interpolate_pos_encoding: bool) -> Tuple[int, int]:
+        """ValueError for a bad rank, channel count, empty batch or size; returns the static (height, width)."""
+        config = self._config
+        shape = pixel_values.shape
+        if shape.rank != 4:
+            raise ValueError(f"pixel_values must be 4-D (batch, channels, height, width), got shape {shape}")
+        batch, channels, height, width = shape
+        if batch == 0:
+            raise ValueError("pixel_values is an empty batch")
+        if channels is not None and channels != config.num_channels:
+            raise ValueError(
+                f"pixel_values has {channels} channels, the model expects {config.num_channels} "
+                "(pixels must be (batch, channels, height, width))"
+            )
+        if channels is None or height is None or width is None:
+            raise ValueError(
+                f"pixel_values needs static channels, height and width under tf.function, got shape {shape}; "
+                "only the batch may be dynamic"
+            )
+        patch = config.patch_size
+        if not interpolate_pos_encoding:
+            if height != config.image_size or width != config.image_size:
+                raise ValueError(
+                    f"Input image size ({height}*{width}) doesn't match model ({config.image_size}*"
+                    f"{config.image_size}); pass interpolate_pos_encoding=True for other sizes"
+                )
+        elif height % patch or width % patch or height < patch or width < patch:
+            raise ValueError(
+                f"with interpolate_pos_encoding the image size ({height}*{width}) must be a positive multiple of "
+                f"the patch size {patch}"
+            )
+        return height, width
+
+    def position_table(self, rows: int, cols: int) -> tf.Tensor:
+        """The position table for a (rows, cols) patch grid, (1, rows * cols, hidden): resized bicubic (PyTorch's
+        arithmetic, as two constant matmuls) unless the grid is the table's own."""
+        grid = self._config.grid_size
+        if (rows, cols) == (grid, grid):
+            return self.position_embeddings
+        hidden = self._config.hidden_size
+        table = tf.reshape(self.position_embeddings, [grid, grid, hidden])  # (rows, cols, hidden)
+        row_matrix = tf.constant(bicubic_matrix(grid, rows), tf.float32)  # (new rows, rows)
+        col_matrix = tf.constant(bicubic_matrix(grid, cols), tf.float32)  # (new cols, cols)
+        table = tf.einsum("yi,ijc->yjc", row_matrix, table)
+        table = tf.einsum("xj,yjc->yxc", col_matrix, table)
+        return tf.reshape(table, [1, rows * cols, hidden])
+
+    def call(self, pixel_values, interpolate_pos_encoding: bool = False, training: bool = False):
+        height, width = self.check_pixels(pixel_values, interpolate_pos_encoding)
+        tokens = self.layernorm(self.patch_embeddings(pixel_values))
+        patch = self._config.patch_size
+        tokens = tokens + self.position_table(height // patch, width // patch)
+        if training and self._config.dropout > 0:
+            tokens = tf.nn.dropout(tokens, rate=self._config.dropout)
+        return tokens
+
+
+class TFGroupViTTextEmbeddings(keras.layers.Layer):
+    """Token plus position embeddings; validates ids and length (see the module docstring for tf.function)."""
+
+    _canonical_attrs = ("token_embedding", "position_embedding")
+
+    def __init__(self, config: GroupViTTextConfig, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._config = config
+        self.token_embedding = keras.layers.Embedding(config.vocab_size, config.hidden_size,
+                                                      embeddings_initializer="zeros", name="token_embedding")
+        self.token_embedding.build()
+        self.position_embedding = keras.layers.Embedding(config.max_position_embeddings, config.hidden_size,
+                                                         embeddings_initializer="zeros", name="position_embedding")
+        self.position_embedding.build()
+        self.built = True
+
+    def check_ids(self, input_ids, position_ids=None) -> List[tf.Operation]:
+        """Length and id ranges: ValueError eagerly, assertions (InvalidArgumentError when run) in a graph."""
+        config = self._config
+        length = input_ids.shape[1]
+        checks = []
+        if length is not None and length > config.max_position_embeddings:
+            raise ValueError(
+                f"Sequence length must be less than max_position_embeddings (got `sequence length`: {length} "
+                f"and max_position_embeddings: {config.max_position_embeddings})"
+            )
+        if length is None:
+            checks.append(tf.debugging.assert_less_equal(
+                tf.shape(input_ids)[1], config.max_position_embeddings,
+                message=f"sequence longer than max_position_embeddings ({config.max_position_embeddings})"))
+        checks += _check_values_in_range(input_ids, config.vocab_size, "input_ids", "vocab_size")
+        if position_ids is not None:
+            checks += _check_values_in_range(position_ids, config.max_position_embeddings, "position_ids",
+                                             "max_position_embeddings")
+        return checks
+
+    def call(self, input_ids, position_ids=None):
+        config = self._config
+        checks = self.check_ids(input_ids, position_ids)
+        if position_ids is None:
+            position_ids = tf.range(tf.shape(input_ids)[1])[None, :]
+        with tf.control_dependencies(checks):
+            tokens = tf.gather(self.token_embedding.embeddings, input_ids)
+            positions = tf.gather(self.position_embedding.embeddings, position_ids)
+        if not tf.executing_eagerly():
+            tokens = _poison_out_of_range(tokens, input_ids, config.vocab_size)
+            positions = _poison_out_of_range(positions, position_ids, config.max_position_embeddings)
+        return tokens + positions
+
+
+class TFGroupViTStage(keras.layers.Layer):
+    """One grouping stage: group tokens appended AFTER the image tokens, transformer layers, then grouping."""
+
+    _canonical_attrs = ("group_token", "layers", "downsample", "group_projector")
+
+    def __init__(self, config: GroupViTVisionConfig, spec: StageSpec, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        hidden = config.hidden_size
+        self._num_group_tokens = spec.num_group_tokens
+        if spec.has_group_tokens:
+            self.group_token = self.add_weight(shape=(1, spec.num_group_tokens, hidden), initializer="zeros",
+                                               name="group_token")
+        else:
+            self.group_token = None
+        self.layers = [TFGroupViTEncoderLayer(config, name=f"layers_._{j}") for j in range(spec.depth)]
+        if spec.has_downsample:
+            self.downsample = TFGroupViTTokenAssign(config, spec.num_group_tokens, spec.num_output_groups,
+                                                    name="downsample")
+        else:
+            self.downsample = None
+        if spec.has_group_projector:
+            # The reference's nn.Sequential(LayerNorm, MixerMLP): canonical names .0 and .1.
+            self.group_projector = [
+                _layer_norm(hidden, config.layer_norm_eps, "group_projector.0"),
+                TFGroupViTMixerMLP(config.hidden_act, spec.num_prev_group_tokens, config.group_projector_dim,
+                                   spec.num_group_tokens, name="group_projector.1"),
+            ]
+        else:
+            self.group_projector = None
+        self.built = True
+
+    def call(self, hidden_states, prev_group_tokens=None, training: bool = False):
+        """-> (image tokens, this stage's group tokens after its layers or None, soft assignment or None)."""
+        if self.group_token is None:
+            tokens = hidden_states
+        else:
+            batch = tf.shape(hidden_states)[0]
+            group_tokens = tf.broadcast_to(self.group_token, [batch, self.group_token.shape[1],
+                                                              self.group_token.shape[2]])
+            if self.group_projector is not None:
+                group_tokens = group_tokens + _run_sequence(self.group_projector, prev_group_tokens, training)
+            tokens = tf.concat([hidden_states, group_tokens], axis=1)  # (batch, image + groups, C)
+        for layer in self.layers:
+            tokens = layer(tokens, training=training)[0]
+        if self.group_token is None:
+            return tokens, None, None
+        image_tokens = tokens[:, : -self._num_group_tokens]
+        group_tokens = tokens[:, -self._num_group_tokens:]
+        soft = None
+        if self.downsample is not None:
+            image_tokens, soft = self.downsample(image_tokens, group_tokens, training=training)
+        return image_tokens, group_tokens, soft
+
+
+class TFGroupViTTextEncoder(keras.layers.Layer):
+    _canonical_attrs = ("layers",)
+
+    def __init__(self, config: GroupViTTextConfig, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.layers = [TFGroupViTEncoderLayer(config, name=f"layers_._{i}") for i in range(config.num_hidden_layers)]
+        self.built = True
+
+    def call(self, hidden_states, attention_mask=None, output_attentions: bool = False,
+             output_hidden_states: bool = False, training: bool = False):
+        """-> (last hidden state, hidden states (input of each layer + last) or None, attentions or None)."""
+        all_hidden = [] if output_hidden_states else None
+        all_attentions = [] if output_attentions else None
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            hidden_states, probs = layer(hidden_states, attention_mask=attention_mask,
+                                         output_attentions=output_attentions, training=training)
+            if output_attentions:
+                all_attentions.append(probs)
+        if output_hidden_states:
+            all_hidden.append(hidden_states)
+        return (hidden_states, None if all_hidden is None else tuple(all_hidden),
+                None if all_attentions is None else tuple(all_attentions))
+
+
+class TFGroupViTVisionEncoder(keras.layers.Layer):
+    _canonical_attrs = ("stages",)
+
+    def __init__(self, config: GroupViTVisionConfig, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.stages = [TFGroupViTStage(config, spec, name=f"stages_._{spec.index}") for spec in config.stages]
+        self.built = True
+
+    def call(self, hidden_states, training: bool = False):
+        """-> (final tokens, (input of each stage..., final tokens), soft maps of the grouping stages)."""
+        all_hidden: List[tf.Tensor] = []
+        soft_maps: List[tf.Tensor] = []
+        group_tokens = None
+        for stage in self.stages:
+            all_hidden.append(hidden_states)
+            hidden_states, group_tokens, soft = stage(hidden_states, group_tokens, training=training)
+            if soft is not None:
+                soft_maps.append(soft)
+        all_hidden.append(hidden_states)
+        return hidden_states, tuple(all_hidden), tuple(soft_maps)
+
+
+class TFGroupViTTextTransformer(keras.layers.Layer):
+    """Causal text transformer; pooled output = hidden state at the first eos (legacy: argmax of the ids)."""
+
+    _canonical_attrs = ("embeddings", "encoder", "final_layer_norm")
+
+    def __init__(self, config: GroupViTTextConfig, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._config = config
+        self.embeddings = TFGroupViTTextEmbeddings(config, name="embeddings")
+        self.encoder = TFGroupViTTextEncoder(config, name="encoder")
+        self.final_layer_norm = _layer_norm(config.hidden_size, config.layer_norm_eps, "final_layer_norm")
+        self.built = True
+
+    def check_inputs(self, input_ids, attention_mask=None, position_ids=None) -> List[tf.Operation]:
+        """Every check of the text inputs (shapes, then ids): lets a model fail before running any tower."""
+        return self._check_shapes(input_ids, attention_mask, position_ids) + self.embeddings.check_ids(
+            input_ids, position_ids)
+
+    def _check_shapes(self, input_ids, attention_mask, position_ids) -> List[tf.Operation]:
+        if input_ids.shape.rank != 2:
+            raise ValueError(f"input_ids must be 2-D (batch, sequence), got shape {input_ids.shape}")
+        batch, length = input_ids.shape
+        if batch == 0:
+            raise ValueError("input_ids is an empty batch")
+        if length == 0:
+            raise ValueError("input_ids has an empty sequence (length 0)")
+        checks = []
+        if attention_mask is not None:
+            if attention_mask.shape.rank != 2 or not attention_mask.shape.is_compatible_with(input_ids.shape):
+                raise ValueError(
+                    f"attention_mask must have the shape of input_ids {input_ids.shape}, got {attention_mask.shape}"
+                )
+            if not (attention_mask.shape.is_fully_defined() and input_ids.shape.is_fully_defined()):
+                checks.append(tf.debugging.assert_equal(tf.shape(attention_mask), tf.shape(input_ids),
+                                                        message="attention_mask must have the shape of input_ids"))
+        if position_ids is not None:
+            shape = position_ids.shape
+            if (shape.rank != 2 or not shape[1:].is_compatible_with(input_ids.shape[1:])
+                    or (shape[0] is not None and batch is not None and shape[0] not in (1, batch))):
+                raise ValueError(
+                    f"position_ids has shape {shape}; expected (1, length) or the shape of input_ids "
+                    f"{input_ids.shape}"
+                )
+            if not (shape[1:].is_fully_defined() and input_ids.shape[1:].is_fully_defined()):
+                checks.append(tf.debugging.assert_equal(tf.shape(position_ids)[1], tf.shape(input_ids)[1],
+                                                        message="position_ids must have the length of input_ids"))
+        return checks
+
+    def _additive_mask(self, input_ids, attention_mask) -> tf.Tensor:
+        # As the reference: causal (0 / float min) + padding (0 where mask == 1, float min elsewhere).
+        length = tf.shape(input_ids)[1]
+        lower = tf.cast(tf.linalg.band_part(tf.ones([length, length]), -1, 0), tf.bool)
+        mask = tf.where(lower, 0.0, _FLOAT_MIN)[None, None]  # (1, 1, L, L)
+        if attention_mask is not None:
+            padding = tf.where(tf.equal(tf.cast(attention_mask, tf.float32), 1.0), 0.0, _FLOAT_MIN)
+            mask = mask + padding[:, None, None, :]  # (batch, 1, L, L)
+        return mask
+
+    def _pooling_positions(self, input_ids) -> tf.Tensor:
+        length = tf.shape(input_ids)[1]
+        positions = tf.range(length)[None, :]
+        if self._config.legacy_eos_pooling:
+            hits = tf.equal(input_ids, tf.reduce_max(input_ids, axis=-1, keepdims=True))
+        else:
+            hits = tf.equal(input_ids, tf.cast(self._config.eos_token_id, input_ids.dtype))
+        first = tf.reduce_min(tf.where(hits, positions, length), axis=-1)
+        return tf.where(first == length, 0, first)  # no eos: position 0, as the reference's argmax
+
+    def call(self, input_ids, attention_mask=None, position_ids=None, output_attentions: bool = False,
+             output_hidden_states: bool = False, training: bool = False):
+        checks = self._check_shapes(input_ids, attention_mask, position_ids)
+        with tf.control_dependencies(checks):
+            input_ids = tf.identity(input_ids)
+        hidden_states = self.embeddings(input_ids, position_ids=position_ids)
+        mask = self._additive_mask(input_ids, attention_mask)
+        last, all_hidden, all_attentions = self.encoder(
+            hidden_states, attention_mask=mask, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, training=training)
+        last = self.final_layer_norm(last)
+        pooled = tf.gather(last, self._pooling_positions(input_ids), batch_dims=1)  # (batch, hidden)
+        return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=all_hidden,
+                                          attentions=all_attentions)
+
+
+class TFGroupViTVisionTransformer(keras.layers.Layer):
+    """Embeddings, grouping stages, final LayerNorm; pooled output = mean over the final tokens."""
+
+    _canonical_attrs = ("embeddings", "encoder", "layernorm")
+
+    def __init__(self, config: GroupViTVisionConfig, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.embeddings = TFGroupViTVisionEmbeddings(config, name="embeddings")
+        self.encoder = TFGroupViTVisionEncoder(config, name="encoder")
+        self.layernorm = _layer_norm(config.hidden_size, config.layer_norm_eps, "layernorm")
+        self.built = True
+
+    def call(self, pixel_values, output_attentions: bool = False, output_hidden_states: bool = False,
+             interpolate_pos_encoding: bool = False, training: bool = False):
+        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                        training=training)
+        last, all_hidden, soft_maps = self.encoder(hidden_states, training=training)
+        last = self.layernorm(last)
+        pooled = tf.reduce_mean(last, axis=1)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=last, pooler_output=pooled,
+            hidden_states=all_hidden if output_hidden_states else None,
+            attentions=soft_maps if output_attentions else None,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoint API shared by TFGroupViTTextModel, TFGroupViTVisionModel and TFGroupViTModel
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _get_config(model: keras.Model) -> AnyConfig:
+    """The model's config (read-only)."""
+    return model._config
+
+
+def _assign_layers(model: keras.Model) -> List[TFGroupViTAssignAttention]:
+    vision = getattr(model, "vision_model", None)
+    if vision is None:
+        return []
+    return [stage.downsample.assign for stage in vision.encoder.stages if stage.downsample is not None]
+
+
+def _set_gumbel(model: keras.Model, enabled: bool) -> keras.Model:
+    """Switch Gumbel noise of every AssignAttention in training mode (eval mode never adds noise).
+
+    A ``tf.function`` traced before the switch keeps the old behaviour until it is retraced.
+    """
+    for layer in _assign_layers(model):
+        layer._gumbel = bool(enabled)
+    return model
+
+
+def _get_gumbel(model: keras.Model) -> bool:
+    """Whether AssignAttention adds Gumbel noise in training mode (default True; eval mode never does)."""
+    return all(layer._gumbel for layer in _assign_layers(model))
+
+
+def _canonical_walk(node: Any, prefix: str) -> Iterator[Tuple[str, keras.Variable]]:
+    """Yield (canonical name, variable) by walking attributes in canonical naming (``_canonical_attrs``)."""
+
+    def join(name: str) -> str:
+        return f"{prefix}.{name}" if prefix else name
+
+    if node is None or isinstance(node, keras.layers.ReLU):
+        return
+    if isinstance(node, keras.Variable):
+        yield prefix, node
+    elif isinstance(node, (keras.layers.Dense, keras.layers.Conv2D)):
+        yield join("weight"), node.kernel
+        yield join("bias"), node.bias
+    elif isinstance(node, _BatchNorm1d):
+        yield join("weight"), node.gamma
+        yield join("bias"), node.beta
+        yield join("running_mean"), node.moving_mean
+        yield join("running_var"), node.moving_variance
+        yield join("num_batches_tracked"), node.num_batches_tracked
+    elif isinstance(node, keras.layers.LayerNormalization):
+        yield join("weight"), node.gamma
+        yield join("bias"), node.beta
+    elif isinstance(node, keras.layers.Embedding):
+        yield join("weight"), node.embeddings
+    elif isinstance(node, (list, tuple)):
+        for index, child in enumerate(node):
+            yield from _canonical_walk(child, join(str(index)))
+    elif hasattr(node, "_canonical_attrs"):
+        for attr in node._canonical_attrs:
+            yield from _canonical_walk(getattr(node, attr), join(attr))
+    else:
+        raise TypeError(f"no canonical mapping for {type(node).__name__} at {prefix!r}")
+
+
+def _canonical_variables(model: keras.Model) -> Dict[str, keras.Variable]:
+    """{canonical name: Keras variable} for every tensor of ``weight_specs(model.config)``, in Keras layouts."""
+    variables = dict(_canonical_walk(model, ""))
+    names = [spec.name for spec in weight_specs(model.config)]
+    if set(variables) != set(names):  # pragma: no cover - a bug in this module, not in the caller's data
+        raise RuntimeError(f"canonical walk and weight table disagree: {sorted(set(variables) ^ set(names))[:8]}")
+    return {name: variables[name] for name in names}
+
+
+def _canonical_state(model: keras.Model) -> Dict[str, np.ndarray]:
+    """The canonical state: {Hub PyTorch name: numpy array (float32; BatchNorm counters int64)} in table order."""
+    table = spec_table(model.config)
+    return {name: np.asarray(table[name].from_keras(variable.numpy()), dtype=table[name].dtype)
+            for name, variable in _canonical_variables(model).items()}
+
+
+def _load_canonical_state(model: keras.Model, state: Mapping[str, np.ndarray]) -> keras.Model:
+    """Copy canonical numpy arrays into the weights, strictly: missing, unexpected or mis-shaped -> ValueError.
+
+    Layouts change through groupvit_core.weights (WeightSpec.to_keras). A BatchNorm ``num_batches_tracked``
+    absent from ``state`` is set to 0.
+    """
+    check_state(state, model.config, source="the canonical state")
+    table = spec_table(model.config)
+    values = {}
+    for name, variable in _canonical_variables(model).items():
+        spec = table[name]
+        if name not in state:  # a BatchNorm counter absent from the file (Keras has none)
+            values[name] = np.zeros(spec.keras_shape, dtype=spec.dtype)
+            continue
+        array = np.asarray(state[name])
+        if array.dtype.kind not in "biuf":
+            raise ValueError(f"{name} has non-numeric dtype {array.dtype}")
+        values[name] = np.asarray(spec.to_keras(array), dtype=spec.dtype)
+    for name, variable in _canonical_variables(model).items():  # all checked: assign
+        variable.assign(values[name])
+    return model
+
+
+def _from_pretrained(cls, path: Union[str, os.PathLike]):
+    """Load a checkpoint directory (config.json + model.safetensors, pytorch_model.bin or tf_model.h5).
+
+    Loading is strict (missing, unexpected or mis-shaped tensors raise ValueError; a missing directory or file
+    raises OSError); the text and vision models load from a full checkpoint. Never imports torch.
+    """
+    config, state = loading.load_pretrained(path, cls.config_class)
+    model = cls(config, initialize=False)  # built with constant initialisers: no random work before loading
+    return _load_canonical_state(model, state)
+
+
+def _save_pretrained(model: keras.Model, path: Union[str, os.PathLike], format: str = "safetensors") -> str:
+    """Write config.json and the weights ('safetensors', 'h5' (Hub Keras-2 layout) or 'bin'); returns the path."""
+    return loading.save_pretrained(path, model.config, _canonical_state(model), format=format)
+
+
+def _get_keras_config(model: keras.Model) -> Dict[str, Any]:
+    """Keras serialisation config: the GroupViT config's ``to_dict()``."""
+    return model.config.to_dict()
+
+
+def _from_keras_config(cls, config: Dict[str, Any]):
+    return cls(cls.config_class.from_dict(dict(config)))
+
+
+def _export(model: keras.Model, filepath: Union[str, os.PathLike], format: str = "tf_saved_model",
+            verbose: Optional[bool] = None, image_size: Optional[Tuple[int, int]] = None, **kwargs: Any):
+    """Write a TensorFlow SavedModel whose ``serve`` endpoint (also the default signature) returns a dict.
+
+    TFGroupViTModel: serve(input_ids int64 (batch, length), attention_mask int64 (batch, length), pixel_values
+    float32 (batch, channels, H, W)) -> logits_per_image, logits_per_text, text_embeds, image_embeds and, with a
+    grouping stage, segmentation_logits. The towers return last_hidden_state and pooler_output. Batch and text
+    length are dynamic; ``image_size=(H, W)`` serves another (static) input size with an interpolated position
+    table.
+    """
+    if format != "tf_saved_model":
+        raise ValueError(f"export supports format='tf_saved_model' only, got {format!r}")
+    if kwargs:
+        raise ValueError(f"unexpected export argument(s): {sorted(kwargs)}")
+    serve, signature = model._serving_endpoint(image_size)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serve", serve, input_signature=signature)
+    archive.write_out(os.fspath(filepath), verbose=bool(verbose))
+    return filepath
+
+
+def _keras_call_setup(model: keras.Model) -> None:
+    # The models convert and check their own inputs (numpy, lists, tensors), so that errors name the input.
+    model._convert_input_args = False
+    model._allow_non_tensor_positional_args = True
+    model.built = True
+
+
+@keras.saving.register_keras_serializable(package=_SERIALIZABLE_PACKAGE)
+class TFGroupViTTextModel(keras.Model):
+    """The text tower alone; its weights keep the ``text_model.`` prefix, so it loads from a full checkpoint."""
+
+    config_class = GroupViTTextConfig
+    _canonical_attrs = ("text_model",)
+
+    def __init__(self, config: GroupViTTextConfig, *, initialize: bool = True, **kwargs: Any) -> None:
+        _check_config(config, GroupViTTextConfig)
+        super().__init__(**kwargs)
+        self._config = config
+        self.text_model = TFGroupViTTextTransformer(config, name="text_model")
+        _keras_call_setup(self)
+        if initialize:
+            _init_tower(self.text_model, config, config.initializer_range, config.initializer_factor)
+
+    # The checkpoint API is shared by the three models: defined once, above.
+    config = property(_get_config)
+    from_pretrained = classmethod(_from_pretrained)
+    save_pretrained = _save_pretrained
+    canonical_variables = _canonical_variables
+    canonical_state = _canonical_state
+    load_canonical_state = _load_canonical_state
+    get_config = _get_keras_config
+    from_config = classmethod(_from_keras_config)
+    export = _export
+
+    def call(self, input_ids, attention_mask=None, position_ids=None, output_attentions: bool = False,
+             output_hidden_states: bool = False, training: bool = False) -> BaseModelOutputWithPooling:
+        return self.text_model(*_text_inputs(input_ids, attention_mask, position_ids),
+                               output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                               training=training)
+
+    def _serving_endpoint(self, image_size: Optional[Tuple[int, int]] = None):
+        if image_size is not None:
+            raise ValueError("image_size does not apply to a text model")
+        signature = [tf.TensorSpec([None, None], tf.int64, name="input_ids"),
+                     tf.TensorSpec([None, None], tf.int64, name="attention_mask")]
+
+        def serve(input_ids, attention_mask):
+            out = self(input_ids, attention_mask=attention_mask)
+            return {"last_hidden_state": out.last_hidden_state, "pooler_output": out.pooler_output}
+
+        return serve, signature
+
+
+@keras.saving.register_keras_serializable(package=_SERIALIZABLE_PACKAGE)
+class TFGroupViTVisionModel(keras.Model):
+    """The vision tower alone; its weights keep the ``vision_model.`` prefix, so it loads from a full checkpoint."""
+
+    config_class = GroupViTVisionConfig
+    _canonical_attrs = ("vision_model",)
+
+    def __init__(self, config: GroupViTVisionConfig, *, initialize: bool = True, **kwargs: Any) -> None:
+        _check_config(config, GroupViTVisionConfig)
+        super().__init__(**kwargs)
+        self._config = config
+        self.vision_model = TFGroupViTVisionTransformer(config, name="vision_model")
+        _keras_call_setup(self)
+        if initialize:
+            _init_tower(self.vision_model, config, config.initializer_range, config.initializer_factor)
+
+    # The checkpoint API is shared by the three models: defined once, above.
+    config = property(_get_config)
+    from_pretrained = classmethod(_from_pretrained)
+    save_pretrained = _save_pretrained
+    canonical_variables = _canonical_variables
+    canonical_state = _canonical_state
+    load_canonical_state = _load_canonical_state
+    set_gumbel = _set_gumbel
+    gumbel = property(_get_gumbel, _set_gumbel)
+    get_config = _get_keras_config
+    from_config = classmethod(_from_keras_config)
+    export = _export
+
+    def call(self, pixel_values, output_attentions: bool = False, output_hidden_states: bool = False,
+             interpolate_pos_encoding: bool = False, training: bool = False) -> BaseModelOutputWithPooling:
+        return self.vision_model(_as_pixel_values(pixel_values), output_attentions=output_attentions,
+                                 output_hidden_states=output_hidden_states,
+                                 interpolate_pos_encoding=interpolate_pos_encoding, training=training)
+
+    def _serving_endpoint(self, image_size: Optional[Tuple[int, int]] = None):
+        config = self._config
+        height, width = image_size or (config.image_size, config.image_size)
+        interpolate = (height, width) != (config.image_size, config.image_size)
+        signature = [tf.TensorSpec([None, config.num_channels, height, width], tf.float32, name="pixel_values")]
+
+        def serve(pixel_values):
+            out = self(pixel_values, interpolate_pos_encoding=interpolate)
+            return {"last_hidden_state": out.last_hidden_state, "pooler_output": out.pooler_output}
+
+        return serve, signature
+
+
+@keras.saving.register_keras_serializable(package=_SERIALIZABLE_PACKAGE)
+class TFGroupViTModel(keras.Model):
+    """Text and vision towers with their projection heads: contrastive logits and zero-shot segmentation."""
+
+    config_class = GroupViTConfig
+    _canonical_attrs = ("text_model", "vision_model", "visual_projection", "text_projection", "logit_scale")
+
+    def __init__(self, config: GroupViTConfig, *, initialize: bool = True, **kwargs: Any) -> None:
+        _check_config(config, GroupViTConfig)
+        super().__init__(**kwargs)
+        self._config = config
+        text, vision = config.text_config, config.vision_config
+        self.text_model = TFGroupViTTextTransformer(text, name="text_model")
+        self.vision_model = TFGroupViTVisionTransformer(vision, name="vision_model")
+        self.visual_projection = _projection(vision.hidden_size, config.projection_intermediate_dim,
+                                             config.projection_dim, "visual_projection")
+        self.text_projection = _projection(text.hidden_size, config.projection_intermediate_dim,
+                                           config.projection_dim, "text_projection")
+        # Keras layout of the scalar: (1,) (groupvit_core.weights SCALAR).
+        self.logit_scale = self.add_weight(
+            shape=(1,), initializer=keras.initializers.Constant(float(config.logit_scale_init_value)),
+            name="logit_scale")
+        _keras_call_setup(self)
+        if initialize:
+            # The reference initialises the joint model with its top-level constants, the towers' own sizes.
+            _init_tower(self.text_model, text, JOINT_INITIALIZER_RANGE, JOINT_INITIALIZER_FACTOR)
+            _init_tower(self.vision_model, vision, JOINT_INITIALIZER_RANGE, JOINT_INITIALIZER_FACTOR)
+            _init_tower(self.visual_projection, vision, JOINT_INITIALIZER_RANGE, JOINT_INITIALIZER_FACTOR)
+            _init_tower(self.text_projection, text, JOINT_INITIALIZER_RANGE, JOINT_INITIALIZER_FACTOR)
+
+    # The checkpoint API is shared by the three models: defined once, above.
+    config = property(_get_config)
+    from_pretrained = classmethod(_from_pretrained)
+    save_pretrained = _save_pretrained
+    canonical_variables = _canonical_variables
+    canonical_state = _canonical_state
+    load_canonical_state = _load_canonical_state
+    set_gumbel = _set_gumbel
+    gumbel = property(_get_gumbel, _set_gumbel)
+    get_config = _get_keras_config
+    from_config = classmethod(_from_keras_config)
+    export = _export
+
+    def get_text_features(self, input_ids, attention_mask=None, position_ids=None,
+                          training: bool = False) -> tf.Tensor:
+        """Text embeddings before L2 normalisation: text_projection(pooled text output)."""
+        outputs = self.text_model(*_text_inputs(input_ids, attention_mask, position_ids), training=training)
+        return _run_sequence(self.text_projection, outputs.pooler_output, training)
+
+    def get_image_features(self, pixel_values, interpolate_pos_encoding: bool = False,
+                           training: bool = False) -> tf.Tensor:
+        """Image embeddings before L2 normalisation: visual_projection(mean of the final group tokens)."""
+        outputs = self.vision_model(_as_pixel_values(pixel_values), interpolate_pos_encoding=interpolate_pos_encoding,
+                                    training=training)
+        return _run_sequence(self.visual_projection, outputs.pooler_output, training)
+
+    def call(self, input_ids, pixel_values, attention_mask=None, position_ids=None, return_loss: bool = False,
+             output_attentions: bool = False, output_hidden_states: bool = False,
+             output_segmentation: bool = False, interpolate_pos_encoding: bool = False,
+             training: bool = False) -> GroupViTModelOutput:
+        input_ids, attention_mask, position_ids = _text_inputs(input_ids, attention_mask, position_ids)
+        pixel_values = _as_pixel_values(pixel_values)
+        if tf.executing_eagerly():  # fail on any bad input before running a tower
+            self.text_model.check_inputs(input_ids, attention_mask, position_ids)
+            self.vision_model.embeddings.check_pixels(pixel_values, interpolate_pos_encoding)
+        texts, images = input_ids.shape[0], pixel_values.shape[0]
+        if return_loss and texts is not None and images is not None and texts != images:
+            raise ValueError(f"return_loss needs as many texts as images, got {texts} texts and {images} images")
+        if output_segmentation:
+            if not self._config.vision_config.stages[0].has_downsample:
+                raise ValueError("output_segmentation needs a vision tower with at least one grouping stage")
+            output_attentions = True  # as the reference: the segmentation reads the vision attentions
+        vision_outputs = self.vision_model(pixel_values, output_attentions=output_attentions,
+                                           output_hidden_states=output_hidden_states,
+                                           interpolate_pos_encoding=interpolate_pos_encoding, training=training)
+        text_outputs = self.text_model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       output_attentions=output_attentions,
+                                       output_hidden_states=output_hidden_states, training=training)
+        image_embeds = _run_sequence(self.visual_projection, vision_outputs.pooler_output, training)
+        text_embeds = _run_sequence(self.text_projection, text_outputs.pooler_output, training)
+        image_embeds = _l2_normalize(image_embeds)
+        text_embeds = _l2_normalize(text_embeds)
+        scale = tf.exp(tf.reshape(self.logit_scale, []))  # no clamp, as the reference
+        logits_per_text = tf.matmul(text_embeds, image_embeds, transpose_b=True) * scale
+        logits_per_image = tf.transpose(logits_per_text)
+
+        segmentation_logits = None
+        if output_segmentation:
+            segmentation_logits = self._segmentation_logits(vision_outputs, text_embeds, scale,
+                                                            pixel_values.shape[2], pixel_values.shape[3], training)
+        loss = groupvit_loss(logits_per_text) if return_loss else None
+        return GroupViTModelOutput(loss=loss, logits_per_image=logits_per_image, logits_per_text=logits_per_text,
+                                   segmentation_logits=segmentation_logits, text_embeds=text_embeds,
+                                   image_embeds=image_embeds, text_model_output=text_outputs,
+                                   vision_model_output=vision_outputs)
+
+    def _segmentation_logits(self, vision_outputs: BaseModelOutputWithPooling, text_embeds: tf.Tensor,
+                             scale: tf.Tensor, height: int, width: int, training: bool) -> tf.Tensor:
+        """(images, texts, height, width): each pixel mixes its groups' text similarities (reference semantics)."""
+        group_tokens = vision_outputs.last_hidden_state
+        images = tf.shape(group_tokens)[0]
+        groups, hidden = group_tokens.shape[1], group_tokens.shape[2]
+        texts = tf.shape(text_embeds)[0]
+        # Each final group token through the visual head once: (images * groups, projection)
+        group_embeds = _run_sequence(self.visual_projection, tf.reshape(group_tokens, [-1, hidden]), training)
+        group_embeds = _l2_normalize(group_embeds)
+        # (images * groups, texts) -> (images, texts, groups)
+        logits_per_group = tf.reshape(tf.matmul(group_embeds, text_embeds, transpose_b=True) * scale,
+                                      [images, groups, texts])
+        logits_per_group = tf.transpose(logits_per_group, [0, 2, 1])
+        grouping = _grouping(vision_outputs.attentions, height, width)  # (images, groups, height * width)
+        segmentation = tf.matmul(logits_per_group, grouping) * scale
+        return tf.reshape(segmentation, [images, texts, height, width])
+
+    def _serving_endpoint(self, image_size: Optional[Tuple[int, int]] = None):
+        vision = self._config.vision_config
+        height, width = image_size or (vision.image_size, vision.image_size)
+        interpolate = (height, width) != (vision.image_size, vision.image_size)
+        segmentation = vision.stages[0].has_downsample
+        signature = [tf.TensorSpec([None, None], tf.int64, name="input_ids"),
+                     tf.TensorSpec([None, None], tf.int64, name="attention_mask"),
+                     tf.TensorSpec([None, vision.num_channels, height, width], tf.float32, name="pixel_values")]
+
+        def serve(input_ids, attention_mask, pixel_values):
+            out = self(input_ids, pixel_values, attention_mask=attention_mask, output_segmentation=segmentation,
+                       interpolate_pos_encoding=interpolate)
+            result = {"logits_per_image": out.logits_per_image, "logits_per_text": out.logits_per_text,
+                      "text_embeds": out.text_embeds, "image_embeds": out.image_embeds}
+            if segmentation:
+                result["segmentation_logits"] = out.segmentation_logits
+            return result
+
+        return serve, signature
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers: layers, input checks, initialisation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _grouping(soft_maps: Tuple[tf.Tensor, ...], height: int, width: int) -> tf.Tensor:
+    """Product of the soft maps in stage order, resized bilinearly to the input: (images, groups, height * width).
+
+    Without gradient, as the reference's get_grouping_from_attentions (torch.no_grad).
+    """
+    # (images, groups_1, tokens) -> (images, tokens, groups_1) -> ... -> (images, tokens, groups_k)
+    grouping = tf.transpose(soft_maps[0], [0, 2, 1])
+    for soft in soft_maps[1:]:
+        grouping = tf.matmul(grouping, tf.transpose(soft, [0, 2, 1]))
+    images = tf.shape(grouping)[0]
+    tokens, groups = grouping.shape[1], grouping.shape[2]
+    rows, cols = attention_grid(height, width, tokens)
+    # (images, groups, rows, cols)
+    grid = tf.reshape(tf.transpose(grouping, [0, 2, 1]), [images, groups, rows, cols])
+    row_matrix = tf.constant(bilinear_matrix(rows, height), tf.float32)  # (height, rows)
+    col_matrix = tf.constant(bilinear_matrix(cols, width), tf.float32)  # (width, cols)
+    # (height, rows) @ (images, groups, rows, cols) @ (cols, width) -> (images, groups, height, width)
+    resized = tf.matmul(tf.einsum("hy,bgyx->bghx", row_matrix, grid), col_matrix, transpose_b=True)
+    return tf.stop_gradient(tf.reshape(resized, [images, groups, height * width]))
+
+
+class _BatchNorm1d(keras.layers.BatchNormalization):
+    """torch.nn.BatchNorm1d in Keras: the same training arithmetic and a ``num_batches_tracked`` counter.
+
+    Keras' BatchNormalization updates its moving variance with the biased batch variance; torch uses the
+    unbiased one. This layer normalises with the biased variance and updates the running statistics with the
+    unbiased one (momentum 0.9 in Keras' convention == torch's 0.1), as torch does, and counts training batches
+    in an int64 variable, so that the canonical state is complete and training matches PyTorch.
+    """
+
+    def __init__(self, size: int, **kwargs: Any) -> None:
+        super().__init__(axis=-1, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPS, **kwargs)
+        self.build((None, size))
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.num_batches_tracked = self.add_weight(shape=(), dtype="int64", initializer="zeros", trainable=False,
+                                                   name="num_batches_tracked", autocast=False)
+
+    def call(self, inputs, training=None, mask=None):
+        if not training:
+            return tf.nn.batch_normalization(inputs, self.moving_mean, self.moving_variance, self.beta, self.gamma,
+                                             self.epsilon)
+        batch = inputs.shape[0]
+        checks = []
+        if batch is not None and batch < 2:
+            raise ValueError(f"BatchNorm1d in training needs more than 1 value per channel, got a batch of {batch}")
+        if batch is None:
+            checks.append(tf.debugging.assert_greater(
+                tf.shape(inputs)[0], 1, message="BatchNorm1d in training needs more than 1 value per channel"))
+        with tf.control_dependencies(checks):
+            mean, variance = tf.nn.moments(inputs, axes=[0])  # biased, used to normalise
+        count = tf.cast(tf.shape(inputs)[0], inputs.dtype)
+        unbiased = variance * count / (count - 1.0)
+        momentum = self.momentum
+        self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
+        self.moving_variance.assign(self.moving_variance * momentum + unbiased * (1.0 - momentum))
+        self.num_batches_tracked.assign_add(tf.constant(1, tf.int64))
+        return tf.nn.batch_normalization(inputs, mean, variance, self.beta, self.gamma, self.epsilon)
+
+
+def _projection(in_features: int, intermediate: int, out_features: int, name: str) -> list:
+    """The reference's projection head; canonical names .0 (Linear), .1 (BatchNorm1d), .2 (ReLU), .3 (Linear)."""
+    return [
+        _dense(in_features, intermediate, f"{name}.0"),
+        _BatchNorm1d(intermediate, name=f"{name}.1"),
+        keras.layers.ReLU(name=f"{name}.2"),
+        _dense(intermediate, out_features, f"{name}.3"),
+    ]
+
+
+def _dense(in_features: int, out_features: int, name: str) -> keras.layers.Dense:
+    # Constant initialisers: _init_tower draws the reference's distributions (skipped by from_pretrained).
+    layer = keras.layers.Dense(out_features, kernel_initializer="zeros", bias_initializer="zeros", name=name)
+    layer.build((None, in_features))
+    return layer
+
+
+def _layer_norm(size: int, eps: float, name: str) -> keras.layers.LayerNormalization:
+    layer = keras.layers.LayerNormalization(axis=-1, epsilon=eps, name=name)
+    layer.build((None, size))
+    return layer
+
+
+def _l2_normalize(x: tf.Tensor) -> tf.Tensor:
+    # x / ||x||, as the reference (no epsilon).
+    return x / tf.norm(x, axis=-1, keepdims=True)
+
+
+def _run_sequence(layers, x: tf.Tensor, training: bool) -> tf.Tensor:
+    for layer in layers:
+        x = layer(x, training=training)
+    return x
+
+
+def _check_config(config: object, expected: type) -> None:
+    if not isinstance(config, expected):
+        raise TypeError(f"expected a {expected.__name__}, got {type(config).__name__}")
+
+
+def _normal(variable: keras.Variable, std: float) -> None:
+    variable.assign(keras.random.normal(tuple(variable.shape), stddev=std, dtype=variable.dtype))
+
+
+def _init_tower(node: Any, config: Union[GroupViTTextConfig, GroupViTVisionConfig], initializer_range: float,
+                factor: float) -> None:
+    """The reference's _init_weights, applied children first as transformers' post_init does.
+
+    Position table, group tokens and BatchNorm keep their construction values (zeros; torch defaults).
+    """
+    if node is None:
+        return
+    if isinstance(node, (list, tuple)):
+        for child in node:
+            _init_tower(child, config, initializer_range, factor)
+        return
+    for attr in getattr(node, "_canonical_attrs", ()):
+        _init_tower(getattr(node, attr), config, initializer_range, factor)
+    layers_std = (2 * config.num_hidden_layers) ** -0.5
+    if isinstance(node, (keras.layers.Dense, keras.layers.Conv2D)):
+        _normal(node.kernel, initializer_range)
+        node.bias.assign(tf.zeros_like(node.bias))
+    elif isinstance(node, keras.layers.LayerNormalization):
+        node.gamma.assign(tf.ones_like(node.gamma))
+        node.beta.assign(tf.zeros_like(node.beta))
+    if isinstance(node, TFGroupViTTextEmbeddings):
+        _normal(node.token_embedding.embeddings, factor * 0.02)
+        _normal(node.position_embedding.embeddings, factor * 0.02)
+    elif isinstance(node, TFGroupViTAttention):
+        hidden = node.q_proj.kernel.shape[0]
+        for proj in (node.q_proj, node.k_proj, node.v_proj):
+            _normal(proj.kernel, hidden ** -0.5 * layers_std * factor)
+        _normal(node.out_proj.kernel, hidden ** -0.5 * factor)
+    elif isinstance(node, TFGroupViTMLP):
+        # The reference reads the tower's hidden size here, also for the token-axis MLPs.
+        _normal(node.fc1.kernel, (2 * config.hidden_size) ** -0.5 * factor)
+        _normal(node.fc2.kernel, config.hidden_size ** -0.5 * layers_std * factor)
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, (tf.Tensor, tf.Variable)) or tf.is_tensor(value)
+
+
+def _to_tensor(value: Any, name: str, kinds: str, what: str) -> Optional[tf.Tensor]:
+    """A tensor from a tensor, array or nested list whose dtype kind is in ``kinds``; else ValueError."""
+    if value is None:
+        return None
+    if _is_tensor(value):
+        tensor = tf.convert_to_tensor(value)
+        dtype = tensor.dtype
+        kind = "b" if dtype == tf.bool else "f" if dtype.is_floating else "i" if dtype.is_integer else "?"
+    else:
+        try:
+            array = np.asarray(value)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{name} must be a tensor or an array, got {type(value).__name__}: {err}") from None
+        kind = "i" if array.dtype.kind in "iu" else array.dtype.kind
+        tensor = None
+    if kind not in kinds:
+        shown = tensor.dtype.name if tensor is not None else array.dtype
+        raise ValueError(f"{name} must hold {what}, got dtype {shown}")
+    return tensor if tensor is not None else tf.convert_to_tensor(array)
+
+
+def _text_inputs(input_ids: Any, attention_mask: Any, position_ids: Any
+                 ) -> Tuple[tf.Tensor, Optional[tf.Tensor], Optional[tf.Tensor]]:
+    """(input_ids, attention_mask, position_ids) as tensors; shapes are checked by the text transformer."""
+    if input_ids is None:
+        raise ValueError("input_ids is required")
+    ids = _to_tensor(input_ids, "input_ids", "i", "integer token ids")
+    mask = _to_tensor(attention_mask, "attention_mask", "bif", "0/1 values")
+    positions = _to_tensor(position_ids, "position_ids", "i", "integer positions")
+    if positions is not None and positions.shape.rank == 1:
+        positions = positions[None, :]
+    return ids, mask, positions
+
+
+def _as_pixel_values(pixel_values: Any) -> tf.Tensor:
+    if pixel_values is None:
+        raise ValueError("pixel_values is required")
+    pixels = _to_tensor(pixel_values, "pixel_values", "if", "real numbers")
+    return pixels if pixels.dtype == tf.float32 else tf.cast(pixels, tf.float32)
+
+
+def _check_values_in_range(values: tf.Tensor, upper: int, name: str, bound: str) -> List[tf.Operation]:
+    """Eagerly: ValueError for a value outside [0, upper). In a graph: assertions that raise
+    InvalidArgumentError when run (to be run before the lookup; XLA ignores them, see _poison_out_of_range)."""
+    if tf.executing_eagerly():
+        array = values.numpy()
+        if array.size:
+            low, high = int(array.min()), int(array.max())
+            if low < 0 or high >= upper:
+                bad = low if low < 0 else high
+                raise ValueError(f"{name} holds {bad}, outside [0, {upper}) ({bound} is {upper})")
+        return []
+    return [
+        tf.debugging.assert_non_negative(values, message=f"{name} must be non-negative"),
+        tf.debugging.assert_less(values, tf.constant(upper, values.dtype),
+                                 message=f"{name} outside [0, {upper}) ({bound} is {upper})"),
+    ]
+
+
+def _register_outputs_with_keras_tree() -> None:
+    """Let Keras' own structure utilities (predict, evaluate, fit) see through the output mappings.
+
+    tf.nest already treats them as mappings; Keras 3's optree namespace would otherwise take them for leaves.
+    """
+    try:
+        import optree
+    except ImportError:  # pragma: no cover - Keras then falls back to dm-tree, which handles mappings
+        return
+    for output_class in (BaseModelOutputWithPooling, GroupViTModelOutput):
+        try:
+            optree.register_pytree_node(
+                output_class,
+                lambda output: (tuple(output.values()), tuple(output.keys()), tuple(output.keys())),
+                lambda keys, values, output_class=output_class: output_class(zip(keys, values)),
+                namespace="keras",
+            )
+        except ValueError:  # already registered (module reloaded)
+            pass
+
+
+_register_outputs_with_keras_tree()
+
+
+def _poison_out_of_range(embeddings: tf.Tensor, ids: tf.Tensor, upper: int) -> tf.Tensor:
+    # XLA drops assertions and clamps gathers: make out-of-range ids visible as NaN instead of a clamped row.
+    valid = tf.logical_and(ids >= 0, ids < upper)[..., None]
+    return tf.where(valid, embeddings, tf.constant(np.nan, embeddings.dtype))
