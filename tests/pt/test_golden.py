@@ -18,41 +18,12 @@ torch = pytest.importorskip("torch")
 
 from groupvit_core import loading  # noqa: E402
 from groupvit_core.config import GroupViTConfig  # noqa: E402
-from groupvit_core.testing import GOLDEN_CONFIGS, random_weights, state_checksum, test_config  # noqa: E402
+from groupvit_core.testing import GOLDEN_CONFIGS, compare_arrays, random_weights, state_checksum  # noqa: E402
+from groupvit_core.testing import test_config as make_test_config  # noqa: E402
 from groupvit_pt import GroupViTModel  # noqa: E402
 
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "golden")
 FORMATS = ("safetensors", "h5", "bin")
-
-# (absolute, relative) tolerance per kind of tensor. The first four are the project's parity targets; hidden
-# states and pooled outputs (values up to ~10) get a relative term for the deeper default-size model.
-TOLERANCES: Dict[str, Tuple[float, float]] = {
-    "logits": (1e-4, 0.0),
-    "embeds": (1e-5, 0.0),
-    "assignment": (1e-5, 0.0),
-    "segmentation": (2e-3, 0.0),
-    "attentions": (1e-5, 0.0),
-    "features": (1e-5, 1e-5),
-    "hidden": (1e-4, 1e-4),
-}
-
-
-def _kind(key: str) -> str:
-    base = key[len("interp_"):] if key.startswith("interp_") else key
-    if base.startswith(("logits", "loss")):
-        return "logits"
-    if base.endswith("_embeds"):
-        return "embeds"
-    if base.startswith("assignment"):
-        return "assignment"
-    if base.startswith("segmentation"):
-        return "segmentation"
-    if base == "text_attentions" or base.startswith("text_attentions["):
-        return "attentions"
-    if base.endswith("_features"):
-        return "features"
-    return "hidden"
-
 
 def _golden_path(name: str) -> str:
     return os.path.join(GOLDEN_DIR, f"model_{name}.npz")
@@ -90,7 +61,7 @@ def _names():
 @pytest.mark.parametrize("name", _names())
 def test_golden_file_describes_the_test_config_and_its_weights(name):
     golden = _golden(name)
-    assert _config(name).to_dict() == test_config(name).to_dict()
+    assert _config(name).to_dict() == make_test_config(name).to_dict()
     checksum = state_checksum(_weights(name))
     assert checksum["sha256"] == str(golden["weights_sha256"]), (
         f"random_weights drifted from the golden file: sum {checksum['sum']} vs {float(golden['weights_sum'])}"
@@ -153,14 +124,9 @@ def _compare(golden: Dict[str, np.ndarray], ordered: List[Tuple[str, torch.Tenso
         if got.shape != expected.shape:
             problems.append(f"{key}: shape {got.shape}, reference {expected.shape}")
             continue
-        atol, rtol = TOLERANCES[_kind(key)]
-        excess = np.abs(got - expected) - (atol + rtol * np.abs(expected))
-        if not np.all(np.isfinite(got)) or excess.max() > 0:
-            worst = np.unravel_index(np.argmax(excess), excess.shape)
-            problems.append(
-                f"{key}: max |diff| {np.abs(got - expected).max():.3g} > atol {atol:g} + rtol {rtol:g} "
-                f"(at {tuple(int(i) for i in worst)}: {got[worst]!r} vs reference {expected[worst]!r})"
-            )
+        problem = compare_arrays(key, got, expected)  # the project's one tolerance table
+        if problem:
+            problems.append(problem)
     return problems
 
 

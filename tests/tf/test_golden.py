@@ -7,7 +7,6 @@ with TFGroupViTModel.from_pretrained, and every recorded output is compared with
 order, so that a failure names the first output that diverges.
 """
 
-import fnmatch
 import json
 import os
 
@@ -19,35 +18,15 @@ pytest.importorskip("keras")
 
 from groupvit_core import loading  # noqa: E402
 from groupvit_core.config import GroupViTConfig  # noqa: E402
-from groupvit_core.testing import GOLDEN_CONFIGS, random_weights, state_checksum  # noqa: E402
+from groupvit_core.testing import GOLDEN_CONFIGS, compare_arrays, random_weights, state_checksum  # noqa: E402
 from groupvit_tf import TFGroupViTModel  # noqa: E402
 
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "golden")
 FORMATS = ("safetensors", "h5", "bin")
 
-# (rtol, atol) by output name; the first matching pattern wins. The interp_ outputs share their base's row.
-TOLERANCES = (
-    ("logits_per_*", (0.0, 1e-4)),
-    ("segmentation_logits", (0.0, 2e-3)),
-    ("*_embeds", (0.0, 1e-5)),
-    ("assignment_*", (0.0, 1e-5)),
-    ("text_attentions", (0.0, 1e-5)),
-    ("loss*", (0.0, 1e-5)),
-    ("*_features", (1e-5, 1e-5)),
-    ("*hidden_state*", (1e-4, 1e-4)),
-    ("*_pooler_output", (1e-4, 1e-4)),
-)
 METADATA = {"transformers_version", "torch_version", "config_json", "weights_seed", "input_seed", "weights_sha256",
             "weights_sum", "min_assignment_margin", "loss_square_size"}
 INPUTS = {"input_ids", "attention_mask", "pixel_values", "interp_pixel_values"}
-
-
-def _tolerance(key):
-    base = key[len("interp_"):] if key.startswith("interp_") else key
-    for pattern, tolerance in TOLERANCES:
-        if fnmatch.fnmatch(base, pattern):
-            return tolerance
-    raise KeyError(f"no tolerance for golden output {key!r}")
 
 
 def _np(value):
@@ -96,10 +75,8 @@ def _compare(name, golden, results):
     for key, value in results:
         if key not in golden:
             continue  # e.g. interp_text_*: the text tower does not see the images
-        rtol, atol = _tolerance(key)
-        expected = golden[key]
-        assert value.shape == expected.shape, f"{name}: {key} has shape {value.shape}, expected {expected.shape}"
-        np.testing.assert_allclose(value, expected, rtol=rtol, atol=atol, err_msg=f"{name}: {key}")
+        problem = compare_arrays(key, value, golden[key])  # the project's one tolerance table
+        assert problem is None, f"{name}: {problem}"
         compared.add(key)
     return compared
 
