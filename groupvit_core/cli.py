@@ -20,6 +20,7 @@ COMMANDS = {
                 "pytorch_model.bin and the original NVlabs .pth"),
     "segment": ("groupvit_core.commands.segment", "segment images into the given class names"),
     "evaluate": ("groupvit_core.commands.evaluate", "zero-shot segmentation mIoU on a VOC/Context/COCO-layout dataset"),
+    "train": ("groupvit_core.commands.train", "train a small GroupViT from captions on the synthetic world (PyTorch)"),
 }
 
 

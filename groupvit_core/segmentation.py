@@ -96,9 +96,6 @@ NO_MODEL_MESSAGE = (
     "nvidia/groupvit-gcc-redcaps, or a directory converted from an NVlabs .pth with `groupvit convert`"
 )
 
-# A built-in model directory once the project ships one; None until then.
-DEFAULT_MODEL: Optional[str] = None
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Prompts and class names

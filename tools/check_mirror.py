@@ -19,6 +19,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("groupvit_pt", "groupvit_tf")
 # Attributes that exist for framework idiom only (Keras bookkeeping) and carry no architecture.
 IGNORED_ATTRIBUTES = {"supports_masking", "built"}
+# Twin modules whose contents are compared. training.py exists in both but is not a mirror: PyTorch has the whole
+# trainer (DDP, checkpoints, resume); TensorFlow has the losses and a Keras fit step, tested for equal gradients.
+MIRRORED_MODULES = ("__init__.py", "modeling.py", "segmentation.py")
+# Class-level API that only one framework has by convention (Keras serialisation and export, Keras variables).
+FRAMEWORK_ONLY_API = {"get_config", "from_config", "export", "canonical_variables"}
 
 
 def _strip(name: str) -> str:
@@ -35,6 +40,12 @@ def describe(path: str) -> Tuple[List[str], Dict[str, List[str]]]:
             continue  # private classes are framework idiom (e.g. a Keras BatchNorm with a step counter)
         attributes: List[str] = []
         for item in node.body:
+            # Class-level API assigned once and shared (config = property(...), canonical_state = ...).
+            if isinstance(item, ast.Assign):
+                for target in item.targets:
+                    if (isinstance(target, ast.Name) and not target.id.startswith("_")
+                            and target.id not in FRAMEWORK_ONLY_API):
+                        attributes.append("class." + target.id)
             if isinstance(item, ast.FunctionDef) and item.name == "__init__":
                 for sub in ast.walk(item):
                     targets = sub.targets if isinstance(sub, ast.Assign) else (
@@ -53,7 +64,7 @@ def compare() -> List[str]:
     files = [sorted(f for f in os.listdir(os.path.join(ROOT, p)) if f.endswith(".py")) for p in PACKAGES]
     if files[0] != files[1]:
         problems.append(f"module files differ: {PACKAGES[0]} {files[0]} vs {PACKAGES[1]} {files[1]}")
-    for name in sorted(set(files[0]) & set(files[1])):
+    for name in sorted(set(files[0]) & set(files[1]) & set(MIRRORED_MODULES)):
         (pt_functions, pt_classes), (tf_functions, tf_classes) = (
             describe(os.path.join(ROOT, p, name)) for p in PACKAGES)
         if pt_functions != tf_functions:

@@ -11,6 +11,7 @@ import argparse
 import os
 from typing import List, Optional
 
+from .. import builtin
 from .. import segmentation as seg
 
 EPILOG = """label map: with --background-threshold T, 0 = background and the i-th label is i (1-based);
@@ -26,17 +27,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``segment`` and ``evaluate``."""
     parser.add_argument("--model", metavar="PATH", default=None,
                         help="checkpoint directory (config.json + model.safetensors / pytorch_model.bin / "
-                             "tf_model.h5), e.g. nvidia/groupvit-gcc-yfcc downloaded")
+                             "tf_model.h5), e.g. nvidia/groupvit-gcc-yfcc downloaded; default: the built-in "
+                             "model trained on the synthetic world (groupvit_core.builtin)")
     parser.add_argument("--framework", choices=seg.FRAMEWORKS, default=None,
                         help="run the model in PyTorch (pt) or TensorFlow (tf); default: pt if torch is installed")
     parser.add_argument("--templates", choices=("single", "ensemble"), default="single",
                         help="class prompts: 'a photo of a {}.' (single, the paper's) or CLIP's 80 templates "
                              "averaged (ensemble)")
-    parser.add_argument("--window", choices=seg.WINDOW_MODES, default="slide",
-                        help="448x448 windows at stride 224 (slide, the paper's) or the whole image at once")
-    parser.add_argument("--preset", choices=("imagenet", "clip"), default=seg.DEFAULT_PRESET,
+    parser.add_argument("--window", choices=seg.WINDOW_MODES, default=None,
+                        help="448x448 windows at stride 224 (slide, the paper's) or the whole image at once; "
+                             "default: slide (the built-in model: its own setting, whole)")
+    parser.add_argument("--preset", choices=("imagenet", "clip"), default=None,
                         help="pixel normalisation: ImageNet statistics (the NVlabs code) or CLIP's (the Hub "
-                             "preprocessor); default: imagenet")
+                             "preprocessor); default: imagenet (the built-in model: its own setting)")
     parser.add_argument("--batch-size", type=int, default=4, metavar="B",
                         help="windows per forward pass; evaluate also reads B images at a time (default 4)")
 
@@ -45,7 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    parser.add_argument("--labels", required=True, help='comma-separated class names, e.g. "cat,dog,person"')
+    parser.add_argument("--labels", default=None,
+                        help='comma-separated class names, e.g. "cat,dog,person"; required with --model, '
+                             "default with the built-in model: the classes it was trained on")
     add_model_arguments(parser)
     parser.add_argument("--background-threshold", type=float, default=None, metavar="T",
                         help="add a background class: pixels whose best class score is below T (0..1; the paper "
@@ -65,9 +70,11 @@ def parse_labels(text: str) -> List[str]:
 def resolve_model(path: Optional[str]) -> str:
     from ..cli import CommandError
 
-    path = path or seg.DEFAULT_MODEL
     if path is None:
-        raise CommandError(seg.NO_MODEL_MESSAGE)
+        try:
+            return builtin.builtin_model_path()
+        except OSError as error:
+            raise CommandError(f"{error}. {seg.NO_MODEL_MESSAGE}") from None
     if not os.path.isdir(path):
         raise CommandError(f"--model {path}: not a checkpoint directory (expected config.json and weights)")
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -90,8 +97,14 @@ def build_segmenter(args: argparse.Namespace, model: str, background_threshold: 
         tokenizer = GroupViTTokenizer.from_pretrained(model)
     except (OSError, ValueError) as error:
         raise CommandError(f"cannot load the model from {model}: {error}") from error
+    # The built-in model carries the settings it was measured with; explicit options still win.
+    options = builtin.builtin_segmenter_options() if builtin.is_builtin(model) else {}
+    args.window = args.window or options.get("window", "slide")
+    args.preset = args.preset or options.get("preset", seg.DEFAULT_PRESET)
+    extra = {key: options[key] for key in ("short_side", "top_k") if key in options}
     segmenter = seg.ZeroShotSegmenter(backend, tokenizer, preset=args.preset, window=args.window,
-                                      background_threshold=background_threshold, batch_size=args.batch_size)
+                                      background_threshold=background_threshold, batch_size=args.batch_size,
+                                      **extra)
     return segmenter, framework
 
 
@@ -121,9 +134,13 @@ def run(args: argparse.Namespace) -> int:
     from ..image import load_image
     from ..visualize import save_groups_png, save_label_png, save_overlay_png
 
-    labels = parse_labels(args.labels)
+    labels = parse_labels(args.labels) if args.labels is not None else None
     _check_images(args.images)
     model = resolve_model(args.model)
+    if labels is None:
+        if not builtin.is_builtin(model):
+            raise CommandError("--labels is required with --model (comma-separated class names)")
+        labels = list(builtin.builtin_class_names())
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise CommandError(f"--output {args.output} exists and is not a directory")
     segmenter, framework = build_segmenter(args, model, args.background_threshold)

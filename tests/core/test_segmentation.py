@@ -605,8 +605,11 @@ def test_segment_cli_rejects_unreadable_images(tmp_path, picture, capsys):
     assert code == 2 and "same output files" in err
 
 
-def test_segment_cli_without_a_model_says_which_checkpoints_to_pass(picture, capsys, tmp_path):
-    assert seg.DEFAULT_MODEL is None  # until the project ships a built-in model
+def test_segment_cli_without_a_model_says_which_checkpoints_to_pass(picture, capsys, tmp_path, monkeypatch):
+    from groupvit_core import builtin
+
+    # An installation whose built-in model is missing says which checkpoints to pass.
+    monkeypatch.setattr(builtin, "BUILTIN_DIR", str(tmp_path / "no_builtin"))
     code, _, err = _run_cli(["segment", picture, "--labels", "cat,dog"], capsys)
     assert code == 2 and "nvidia/groupvit-gcc-yfcc" in err and "groupvit convert" in err
     code, _, err = _run_cli(["segment", picture, "--labels", "cat", "--model", str(tmp_path / "none")], capsys)

@@ -1,0 +1,149 @@
+"""Framework-free parts of GroupViT's training losses (numpy only).
+
+GroupViT (Xu et al., 2022) trains with two losses: the image-text contrastive loss on whole captions, and the
+multi-label contrastive loss, for which the nouns of each caption are put into prompt templates ("a photo of a
+{}.") and every image is contrasted against all prompts of the batch with *soft* targets (an image's positives
+are all the prompts of its nouns, spread evenly). This module does the text-side work both frameworks share:
+
+- ``parse_entities``: the entity names (nouns with their adjectives, e.g. "red circle", and nameable grounds such
+  as "grass") a caption mentions, from a fixed vocabulary, longest match first.
+- ``entity_targets``: multi-hot (images, classes) targets from the parsed entities.
+- ``soft_targets``: the soft targets of the multi-label loss in both directions (image -> prompts, row-normalised;
+  prompt -> images, column-normalised, prompts absent from the batch masked out).
+- ``TrainConfig``: the hyper-parameters of a training run, shared by both frameworks.
+- ``PROMPT_TEMPLATES`` and ``prompt_batch``: which template each class prompt uses at a training step (seeded).
+
+The tensors and the cross-entropies live in ``groupvit_pt.training`` and ``groupvit_tf.training``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+# Templates for the class prompts during training; the first is the evaluation prompt of the paper.
+PROMPT_TEMPLATES: Tuple[str, ...] = (
+    "a photo of a {}.",
+    "a {}.",
+    "a picture of a {}.",
+    "there is a {}.",
+    "a photo of the {}.",
+    "an image of a {}.",
+)
+
+
+def _normalise(text: str) -> str:
+    return " " + re.sub(r"[^a-z0-9]+", " ", text.lower()).strip() + " "
+
+
+def parse_entities(caption: str, vocabulary: Sequence[str]) -> List[str]:
+    """The vocabulary entries mentioned in ``caption``, in order of first mention, each once.
+
+    Matching is on whole words, case-insensitive, longest entry first ("red circle" wins over "circle").
+    """
+    if not isinstance(caption, str):
+        raise TypeError(f"caption must be a str, got {type(caption).__name__}")
+    text = _normalise(caption)
+    entries = sorted(set(vocabulary), key=lambda entry: -len(entry))
+    found: List[Tuple[int, str]] = []
+    for entry in entries:
+        pattern = _normalise(entry)
+        if pattern.strip() == "":
+            raise ValueError("the vocabulary holds an empty entry")
+        start = text.find(pattern)
+        if start >= 0:
+            found.append((start, entry))
+            # blank the match so that a shorter entry inside it is not found again
+            text = text[:start] + " " + "#" * (len(pattern) - 2) + " " + text[start + len(pattern):]
+    return [entry for _, entry in sorted(found)]
+
+
+def entity_targets(entity_lists: Sequence[Sequence[str]], class_names: Sequence[str]) -> np.ndarray:
+    """(images, classes) float32 multi-hot: 1 where image i mentions class j."""
+    index = {name: i for i, name in enumerate(class_names)}
+    targets = np.zeros((len(entity_lists), len(class_names)), dtype=np.float32)
+    for row, entities in enumerate(entity_lists):
+        for name in entities:
+            if name not in index:
+                raise ValueError(f"entity {name!r} is not one of the {len(class_names)} class names")
+            targets[row, index[name]] = 1.0
+    return targets
+
+
+def soft_targets(multi_hot: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The multi-label loss' soft targets from (images, classes) multi-hot labels.
+
+    Returns (image_targets (I, C): each row sums to 1 over the image's classes; text_targets (C, I): each row
+    sums to 1 over the images holding the class; text_valid (C,) bool: classes present in the batch — rows of
+    absent classes are zero and must be left out of the text -> image term).
+    """
+    multi_hot = np.asarray(multi_hot, dtype=np.float32)
+    if multi_hot.ndim != 2:
+        raise ValueError(f"multi-hot targets must be (images, classes), got shape {multi_hot.shape}")
+    per_image = multi_hot.sum(axis=1, keepdims=True)
+    if np.any(per_image == 0):
+        raise ValueError("every image needs at least one entity for the multi-label loss")
+    image_targets = multi_hot / per_image
+    per_class = multi_hot.sum(axis=0)
+    valid = per_class > 0
+    text_targets = np.where(valid[:, None], multi_hot.T / np.maximum(per_class, 1)[:, None], 0.0)
+    return image_targets.astype(np.float32), text_targets.astype(np.float32), valid
+
+
+def prompt_batch(class_names: Sequence[str], rng: Optional[np.random.Generator] = None,
+                 templates: Sequence[str] = PROMPT_TEMPLATES) -> List[str]:
+    """One prompt per class: a template drawn from ``rng`` for each (the first template without an rng)."""
+    prompts = []
+    for name in class_names:
+        template = templates[0] if rng is None else templates[int(rng.integers(len(templates)))]
+        prompts.append(template.format(name))
+    return prompts
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a training run (all JSON-serialisable)."""
+
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 2e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    seed: int = 0
+    image_size: int = 64
+    max_objects: int = 3
+    pool_size: int = 4000  # training scenes generated once and sampled from
+    max_text_length: int = 32
+    contrastive_weight: float = 1.0
+    multilabel_weight: float = 1.0
+    group_weight: float = 1.0
+    pixel_weight: float = 0.0
+    gumbel: bool = True
+    preset: str = "imagenet"
+    grad_clip: float = 1.0
+    checkpoint_every: int = 500
+    eval_every: int = 0  # 0: only at the end
+    eval_count: int = 100
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "image_size", "pool_size", "max_text_length"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0 or self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ValueError("lr must be positive; min_lr, weight_decay and warmup_steps non-negative")
+        from .image import NORMALIZATION_PRESETS
+
+        if self.preset not in NORMALIZATION_PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}")

@@ -1,0 +1,597 @@
+"""Training GroupViT from images and captions in PyTorch, and measuring the segmentation that emerges.
+
+Losses (all text supervision; masks are never seen):
+
+- ``contrastive``: the image-text contrastive loss on whole captions (mean of the two cross-entropies).
+- ``multilabel``: the paper's multi-label contrastive loss. The entities of each caption (parsed by
+  ``groupvit_core.losses.parse_entities``) are put into prompt templates, one prompt per class of the vocabulary
+  with a template drawn per step; each image is contrasted against every prompt with soft targets (its entities,
+  evenly), and each prompt present in the batch against every image (the images naming it, evenly).
+- ``group``: a group-level multiple-instance term (an addition to the paper's recipe, still text-only): every
+  final group's embedding is classified against the class prompts; each entity of the caption must be the
+  best class of some group (coverage: -log max_g p(entity | g)) and each group must name an entity of its
+  caption (purity: -log sum_{e in caption} p(e | g)).
+
+``Trainer`` runs AdamW with linear warm-up and cosine decay, seeded and deterministic on the CPU (batches come
+from ``(seed, step)``, Gumbel noise from the trainer's own copy of torch's RNG), writes
+checkpoints (``save_pretrained`` plus the optimizer and step, read back with ``torch.load(weights_only=True)``)
+and resumes from them, shows a progress bar with loss and throughput, and runs data-parallel over processes
+with ``torch.distributed`` (DDP; each process takes its share of every batch; the contrastive terms are computed
+per process on its share).
+
+The data is the synthetic world of ``groupvit_core.synthetic``; ``evaluate_segmentation`` measures zero-shot mIoU
+on its held-out test split with the shared protocol of ``groupvit_core.segmentation`` (hard grouping, softmax
+over the class prompts with the logit scale clamped at 100), with ``grouping=False`` as the ablation that
+classifies every patch token instead of the groups. ``TrainConfig`` (groupvit_core.losses) is shared with
+groupvit_tf.training; ``train_synthetic`` is what ``groupvit train`` and tools/train_builtin.py run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from groupvit_core import losses as core_losses
+from groupvit_core import synthetic
+from groupvit_core.config import GroupViTConfig
+
+from .modeling import GroupViTModel
+
+TRAIN_STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+LOGIT_SCALE_MAX = 100.0
+
+
+TrainConfig = core_losses.TrainConfig
+
+
+def builtin_model_config(text_hidden: int = 64, vision_hidden: int = 96, patch_size: int = 4, groups: int = 8,
+                         depths: Sequence[int] = (3, 2), image_size: int = 64,
+                         assign_eps: float = 1.0) -> GroupViTConfig:
+    """The small architecture of the built-in model: 64 px images, patch 4, one grouping stage of 8 groups,
+    a 2-layer text tower over the full CLIP vocabulary (49408 tokens) with 32 positions."""
+    depths = list(depths)
+    return GroupViTConfig(
+        text_config=dict(hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=32),
+        vision_config=dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, depths=depths,
+                           num_hidden_layers=sum(depths), num_group_tokens=[groups] + [0] * (len(depths) - 1),
+                           num_output_groups=[groups] * len(depths), num_attention_heads=4,
+                           image_size=image_size, patch_size=patch_size, assign_eps=assign_eps),
+        projection_dim=64,
+        projection_intermediate_dim=256,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SyntheticData(synthetic.TrainingData):
+    """``groupvit_core.synthetic.TrainingData`` with batches as torch tensors."""
+
+    def batch(self, step: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+              ) -> Dict[str, torch.Tensor]:
+        """The share of process ``rank`` of the global batch of ``step`` (the same on every run with ``seed``)."""
+        arrays = self.numpy_batch(step, batch_size, seed, rank, world_size)
+        return {name: torch.from_numpy(value) for name, value in arrays.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Image-text contrastive loss on normalised embeddings: mean of the image->text and text->image CEs."""
+    logits = scale * image_embeds @ text_embeds.t()
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy with soft targets (rows of targets sum to 1) -> (rows,)."""
+    return -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1)
+
+
+def multilabel_loss(image_embeds: torch.Tensor, prompt_embeds: torch.Tensor, targets: torch.Tensor,
+                    scale: torch.Tensor) -> torch.Tensor:
+    """The multi-label contrastive loss: images vs. class prompts with soft targets, both directions."""
+    logits = scale * image_embeds @ prompt_embeds.t()  # (images, classes)
+    per_image = targets.sum(dim=1, keepdim=True)
+    image_term = soft_cross_entropy(logits, targets / per_image.clamp_min(1)).mean()
+    per_class = targets.sum(dim=0)
+    valid = per_class > 0
+    text_targets = (targets.t() / per_class.clamp_min(1)[:, None])[valid]
+    text_term = soft_cross_entropy(logits.t()[valid], text_targets).mean()
+    return 0.5 * (image_term + text_term)
+
+
+def group_loss(group_embeds: torch.Tensor, prompt_embeds: torch.Tensor, targets: torch.Tensor,
+               scale: torch.Tensor) -> torch.Tensor:
+    """Group-level multiple-instance loss: coverage of each caption entity by some group + purity of groups."""
+    logits = scale * group_embeds @ prompt_embeds.t()  # (images, groups, classes)
+    log_p = F.log_softmax(logits, dim=-1)
+    present = targets > 0  # (images, classes)
+    best = log_p.max(dim=1).values  # (images, classes): the best group for each class
+    coverage = -(best * present).sum() / present.sum().clamp_min(1)
+    in_caption = log_p.masked_fill(~present[:, None, :], float("-inf"))
+    purity = -torch.logsumexp(in_caption, dim=-1).mean()
+    return 0.5 * (coverage + purity)
+
+
+def pixel_group_loss(pixel_embeds: torch.Tensor, group_embeds: torch.Tensor, prompt_embeds: torch.Tensor,
+                     targets: torch.Tensor, scale: torch.Tensor, nonempty: torch.Tensor) -> torch.Tensor:
+    """The group loss on what each group's pixels alone say (mean of its hard-assigned patch tokens), plus a
+    consistency term pulling each group's own class distribution towards its pixels' one.
+
+    Without it, group tokens can learn an image's entities through attention without owning their pixels;
+    here the entities must be recoverable from disjoint sets of patches, so the patches have to differ by entity.
+    """
+    logits = scale * pixel_embeds @ prompt_embeds.t()  # (images, groups, classes)
+    log_p = F.log_softmax(logits, dim=-1)
+    present = targets > 0
+    masked = log_p.masked_fill(~nonempty[..., None], float("-inf"))
+    best = masked.max(dim=1).values
+    coverage = -(best.clamp_min(-30.0) * present).sum() / present.sum().clamp_min(1)
+    in_caption = torch.logsumexp(log_p.masked_fill(~present[:, None, :], float("-inf")), dim=-1)
+    purity = -(in_caption * nonempty).sum() / nonempty.sum().clamp_min(1)
+    group_log_p = F.log_softmax(scale * group_embeds @ prompt_embeds.t(), dim=-1)
+    consistency = (soft_cross_entropy_log(group_log_p, log_p.detach().exp()) * nonempty).sum() \
+        / nonempty.sum().clamp_min(1)
+    return (coverage + purity + consistency) / 3
+
+
+def soft_cross_entropy_log(log_p: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -(targets * log_p).sum(dim=-1)
+
+
+def vision_forward(model: GroupViTModel, pixel_values: torch.Tensor
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The vision tower as GroupViTVisionTransformer runs it, also returning the first grouping stage's patch
+    tokens (after its layers, before grouping) and the patches' soft assignment to the final groups (the product
+    of the stages' soft maps) -> (last_hidden_state (B, G, C), pooled (B, C), patches (B, N, C), soft (B, G, N))."""
+    vision = model.vision_model
+    hidden = vision.embeddings(pixel_values)
+    prev_groups = None
+    patches = soft_first = None
+    for stage in vision.encoder.stages:
+        if stage.group_token is None:
+            tokens = hidden
+        else:
+            group_tokens = stage.group_token.expand(hidden.shape[0], -1, -1)
+            if stage.group_projector is not None:
+                group_tokens = group_tokens + stage.group_projector(prev_groups)
+            tokens = torch.cat([hidden, group_tokens], dim=1)
+        for layer in stage.layers:
+            tokens = layer(tokens)[0]
+        if stage.group_token is None:
+            hidden = tokens
+            continue
+        count = group_tokens.shape[1]
+        image_tokens, group_tokens = tokens[:, :-count], tokens[:, -count:]
+        if stage.downsample is not None:
+            if patches is None:
+                patches = image_tokens
+            image_tokens, soft = stage.downsample(image_tokens, group_tokens)
+            soft_first = soft if soft_first is None else soft @ soft_first
+        hidden, prev_groups = image_tokens, group_tokens
+    last = vision.layernorm(hidden)
+    return last, last.mean(dim=1), patches, soft_first
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+class TrainingModule(nn.Module):
+    """GroupViTModel plus the training losses in one forward (the unit DDP wraps)."""
+
+    def __init__(self, model: GroupViTModel, config: TrainConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.train_config = config
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, targets: torch.Tensor
+                ) -> Dict[str, torch.Tensor]:
+        model, cfg = self.model, self.train_config
+        groups, pooled, patches, soft = vision_forward(model, pixel_values)
+        batch, count, hidden = groups.shape
+        flat = [groups.reshape(batch * count, hidden), pooled]
+        if cfg.pixel_weight:
+            # each group's pixels alone: the mean of the patch tokens hard-assigned to it (straight-through)
+            hard = F.one_hot(soft.argmax(dim=1), count).transpose(1, 2).to(soft.dtype)  # (B, G, N)
+            hard = hard - soft.detach() + soft
+            sizes = hard.detach().sum(dim=-1)  # (B, G)
+            pixel_groups = (hard @ patches) / sizes.clamp_min(1)[..., None]
+            flat.append(model.vision_model.layernorm(pixel_groups).reshape(batch * count, hidden))
+        # groups and pooled tokens through one projection call, as the segmentation backend does
+        projected = model.visual_projection(torch.cat(flat, dim=0))
+        group_embeds = normalize(projected[: batch * count]).reshape(batch, count, -1)
+        image_embeds = normalize(projected[batch * count: batch * count + batch])
+        ids = torch.cat([input_ids, prompt_ids], dim=0)
+        mask = torch.cat([attention_mask, prompt_mask], dim=0)
+        text = normalize(model.text_projection(model.text_model(ids, attention_mask=mask).pooler_output))
+        caption_embeds, prompt_embeds = text[:batch], text[batch:]
+        scale = model.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX)
+        zero = scale.new_zeros(())
+        parts = {
+            "contrastive": contrastive_loss(image_embeds, caption_embeds, scale) if cfg.contrastive_weight else zero,
+            "multilabel": multilabel_loss(image_embeds, prompt_embeds, targets, scale)
+            if cfg.multilabel_weight else zero,
+            "group": group_loss(group_embeds, prompt_embeds, targets, scale) if cfg.group_weight else zero,
+            "pixel": zero,
+        }
+        if cfg.pixel_weight:
+            pixel_embeds = normalize(projected[batch * count + batch:]).reshape(batch, count, -1)
+            parts["pixel"] = pixel_group_loss(pixel_embeds, group_embeds, prompt_embeds, targets, scale,
+                                              sizes > 0)
+        parts["loss"] = (cfg.contrastive_weight * parts["contrastive"] + cfg.multilabel_weight * parts["multilabel"]
+                         + cfg.group_weight * parts["group"] + cfg.pixel_weight * parts["pixel"])
+        return parts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedule, optimizer, checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``steps``."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms, embeddings, group tokens and the logit scale."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or "embedding" in name or "group_token" in name or "norm" in name:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98),
+                             eps=1e-6)
+
+
+def save_checkpoint(directory: str, model: GroupViTModel, optimizer: torch.optim.Optimizer, step: int,
+                    config: TrainConfig, history: List[Dict[str, float]],
+                    rng_state: Optional[torch.Tensor] = None) -> None:
+    """model.safetensors + config.json (save_pretrained), optimizer.pt and trainer_state.json, each atomic."""
+    from groupvit_core.io_utils import atomic_path, atomic_write_text
+
+    os.makedirs(directory, exist_ok=True)
+    model.save_pretrained(directory)
+    with atomic_path(os.path.join(directory, OPTIMIZER_FILE)) as tmp:
+        torch.save(optimizer.state_dict(), tmp)
+    state = {"step": step, "train_config": asdict(config), "history": history,
+             "torch_rng": (torch.get_rng_state() if rng_state is None else rng_state).tolist()}
+    atomic_write_text(os.path.join(directory, TRAIN_STATE_FILE), json.dumps(state) + "\n")
+
+
+def load_checkpoint(directory: str, model: GroupViTModel, optimizer: torch.optim.Optimizer
+                    ) -> Tuple[int, List[Dict[str, float]], torch.Tensor]:
+    """Restore weights and optimizer from ``save_checkpoint``'s directory -> (step, history, RNG state)."""
+    from groupvit_core.loading import load_pretrained
+
+    state_path = os.path.join(directory, TRAIN_STATE_FILE)
+    if not os.path.isfile(state_path):
+        raise OSError(f"{directory} is not a training checkpoint (no {TRAIN_STATE_FILE})")
+    with open(state_path, encoding="utf-8") as handle:
+        state = json.load(handle)
+    _, weights = load_pretrained(directory, GroupViTConfig)
+    model.load_canonical_state(weights)
+    optimizer.load_state_dict(torch.load(os.path.join(directory, OPTIMIZER_FILE), weights_only=True))
+    return int(state["step"]), list(state.get("history", [])), torch.tensor(state["torch_rng"], dtype=torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _distributed() -> Tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class Trainer:
+    """Trains a GroupViTModel on the synthetic world.
+
+    >>> trainer = Trainer(GroupViTModel(builtin_model_config()), TrainConfig(steps=2000), output_dir="run")
+    >>> history = trainer.train()        # checkpoints in run/checkpoint, the final model in run/model
+    >>> evaluate_segmentation(trainer.model)["miou"]
+    """
+
+    def __init__(self, model: GroupViTModel, config: TrainConfig, output_dir: Optional[str] = None,
+                 tokenizer: Any = None, data: Optional[SyntheticData] = None, resume: bool = False,
+                 progress: bool = True, log: Optional[Callable[[str], None]] = None,
+                 device: Optional[str] = None) -> None:
+        from groupvit_core.tokenizer import GroupViTTokenizer
+
+        config.validate()
+        self.config = config
+        self.rank, self.world_size = _distributed()
+        if config.batch_size % self.world_size:
+            raise ValueError(f"batch_size {config.batch_size} is not divisible by {self.world_size} processes")
+        # The trainer keeps its own copy of torch's CPU RNG (Gumbel noise), so that two trainers in one
+        # process do not draw from each other's stream and a checkpoint restores it exactly.
+        self.rng_state = torch.Generator().manual_seed(config.seed).get_state()
+        self.device = torch.device(device or "cpu")
+        self.model = model.to(self.device)
+        self.model.set_gumbel(config.gumbel)
+        self.tokenizer = tokenizer or GroupViTTokenizer.from_pretrained(_empty_dir())
+        self.data = data or SyntheticData(self.tokenizer, config.pool_size, config.image_size, config.max_objects,
+                                          config.max_text_length, config.preset)
+        self.module: nn.Module = TrainingModule(model, config)
+        if self.world_size > 1:
+            self.module = nn.parallel.DistributedDataParallel(self.module)
+        self.optimizer = build_optimizer(model, config)
+        self.output_dir = output_dir
+        self.progress = progress and self.rank == 0
+        self.log = log or (lambda line: print(line, file=sys.stderr))
+        self.step = 0
+        self.history: List[Dict[str, float]] = []
+        if resume:
+            if output_dir is None:
+                raise ValueError("resume needs an output_dir holding a checkpoint")
+            path = os.path.join(output_dir, "checkpoint")
+            if os.path.isfile(os.path.join(path, TRAIN_STATE_FILE)):
+                self.step, self.history, self.rng_state = load_checkpoint(path, model, self.optimizer)
+                self.log(f"resumed from {path} at step {self.step}")
+
+    def train_step(self, batch: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.step, self.config)
+        self.module.train()
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.rng_state)
+        try:
+            parts = self.module(**batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+        finally:
+            self.rng_state = torch.get_rng_state()
+            torch.set_rng_state(outer)
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(max=math.log(LOGIT_SCALE_MAX))
+        self.step += 1
+        return {name: float(value.detach()) for name, value in parts.items()}
+
+    def train(self, steps: Optional[int] = None,
+              on_eval: Optional[Callable[[int, Dict[str, Any]], None]] = None) -> List[Dict[str, float]]:
+        """Run until ``steps`` (default config.steps); returns the per-step loss history (this run's part)."""
+        from tqdm import tqdm
+
+        cfg = self.config
+        end = cfg.steps if steps is None else min(steps, cfg.steps)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, file=sys.stderr,
+                   dynamic_ncols=True, desc="train")
+        start_time, start_step = time.perf_counter(), self.step
+        while self.step < end:
+            batch = self.data.batch(self.step, cfg.batch_size, cfg.seed, self.rank, self.world_size)
+            batch = {name: value.to(self.device, non_blocking=True) for name, value in batch.items()}
+            record = self.train_step(batch)
+            record["step"] = self.step
+            record["lr"] = learning_rate(self.step - 1, cfg)
+            self.history.append(record)
+            elapsed = time.perf_counter() - start_time
+            throughput = (self.step - start_step) * cfg.batch_size / max(elapsed, 1e-9)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{throughput:.0f}", refresh=False)
+            bar.update(1)
+            if self.output_dir and self.rank == 0 and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                save_checkpoint(os.path.join(self.output_dir, "checkpoint"), self.model, self.optimizer,
+                                self.step, cfg, self.history, self.rng_state)
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.rank == 0:
+                result = evaluate_segmentation(self.model, count=cfg.eval_count, tokenizer=self.tokenizer,
+                                               preset=cfg.preset, image_size=cfg.image_size)
+                self.history[-1]["miou"] = result["miou"]
+                self.log(f"step {self.step}: loss {record['loss']:.4f} mIoU {result['miou']:.4f}")
+                if on_eval:
+                    on_eval(self.step, result)
+        bar.close()
+        if self.output_dir and self.rank == 0:
+            save_checkpoint(os.path.join(self.output_dir, "checkpoint"), self.model, self.optimizer, self.step,
+                            cfg, self.history, self.rng_state)
+            self.model.save_pretrained(os.path.join(self.output_dir, "model"))
+        return self.history
+
+
+def _empty_dir() -> str:
+    """A directory without tokenizer files: GroupViTTokenizer.from_pretrained then uses the packaged CLIP BPE."""
+    import tempfile
+
+    path = os.path.join(tempfile.gettempdir(), "groupvit_empty_tokenizer_dir")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation on the synthetic test split
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class PatchBackend:
+    """Ablation without grouping: the stage-0 patch tokens (before the first grouping) go through the final
+    LayerNorm and the visual projection and are classified one by one (no assignment maps)."""
+
+    def __init__(self, backend: Any) -> None:
+        self.inner = backend
+        self.model = backend.model
+        for name in ("patch_size", "image_size", "max_text_length", "logit_scale"):
+            setattr(self, name, getattr(backend, name))
+
+    def encode_text(self, input_ids, attention_mask=None):
+        return self.inner.encode_text(input_ids, attention_mask)
+
+    def encode_image(self, pixel_values: np.ndarray) -> Dict[str, Any]:
+        vision = self.model.vision_model
+        height, width = pixel_values.shape[2:]
+        with torch.inference_mode():
+            pixels = torch.as_tensor(np.asarray(pixel_values, np.float32), device=self.model.logit_scale.device)
+            hidden = vision.embeddings(pixels, interpolate_pos_encoding=(height, width) != (self.image_size,) * 2)
+            stage = vision.encoder.stages[0]
+            tokens = torch.cat([hidden, stage.group_token.expand(hidden.shape[0], -1, -1)], dim=1)
+            for layer in stage.layers:
+                tokens = layer(tokens)[0]
+            patches = vision.layernorm(tokens[:, : hidden.shape[1]])
+            batch, count, size = patches.shape
+            flat = torch.cat([patches.reshape(batch * count, size), patches.mean(dim=1)], dim=0)
+            embeds = normalize(self.model.visual_projection(flat))
+            embeds = embeds.float().cpu()
+        return dict(group_embeds=embeds[: batch * count].reshape(batch, count, -1).numpy(),
+                    image_embeds=embeds[batch * count:].numpy(), assignments=[],
+                    grid=(height // self.patch_size, width // self.patch_size))
+
+
+def evaluate_segmentation(model: GroupViTModel, count: int = 200, tokenizer: Any = None, preset: str = "imagenet",
+                          image_size: int = 64, grouping: bool = True, templates: Any = None,
+                          split: str = "test", batch_size: int = 50) -> Dict[str, Any]:
+    """Zero-shot mIoU on ``count`` held-out synthetic scenes, with ``groupvit_core.segmentation``'s protocol.
+
+    Classes: the synthetic entities (4 grounds + 9 objects, one prompt "a photo of a {}." each); whole image at
+    its own size (no 448 resize, no windows), hard grouping, top-5 classes, no background threshold (every pixel
+    of the world has a name). Label 0 ("background") is never in the masks; it is absent from the mean.
+    """
+    from groupvit_core.datasets import SegmentationMetric
+    from groupvit_core.segmentation import ZeroShotSegmenter
+    from groupvit_core.tokenizer import GroupViTTokenizer
+
+    from .segmentation import SegmentationBackend
+
+    was_training = model.training
+    backend = SegmentationBackend(model)
+    if not grouping:
+        backend = PatchBackend(backend)
+    tokenizer = tokenizer or GroupViTTokenizer.from_pretrained(_empty_dir())
+    segmenter = ZeroShotSegmenter(backend, tokenizer, preset=preset, window="whole", short_side=None,
+                                  background_threshold=None, batch_size=batch_size)
+    segmenter.set_classes(list(synthetic.ENTITY_NAMES), templates=templates)
+    metric = SegmentationMetric(len(synthetic.CLASS_NAMES))
+    scenes = list(synthetic.iter_scenes(split, count, size=image_size))
+    for start in range(0, count, batch_size):
+        chunk = scenes[start:start + batch_size]
+        results = segmenter.segment([s.image for s in chunk])
+        for scene, result in zip(chunk, results):
+            metric.update(result.label_map + 1, scene.mask)  # labels 0..K-1 -> 1..K (0 = unused background)
+    scores = metric.compute()
+    model.train(was_training)
+    iou = {name: (None if np.isnan(v) else float(v)) for name, v in zip(synthetic.CLASS_NAMES, scores["iou"])}
+    return {"miou": float(scores["miou"]), "pixel_accuracy": float(scores["pixel_accuracy"]), "iou": iou,
+            "count": count, "grouping": grouping}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The reproducing entry point (tools/train_builtin.py and `groupvit train`)
+# ----------------------------------------------------------------------------------------------------------------
+
+# name: (architecture overrides of builtin_model_config, TrainConfig overrides). "small" is the built-in recipe.
+VARIANTS: Dict[str, Tuple[Dict[str, Any], Dict[str, Any]]] = {
+    "small": ({"vision_hidden": 64, "depths": (2, 1)}, {}),
+    "full": ({}, {}),
+    "no_group": ({}, {"group_weight": 0.0}),
+    "no_gumbel": ({}, {"gumbel": False}),
+    "patch8": ({"patch_size": 8}, {}),
+    "g4": ({"groups": 4}, {}),
+    "g16": ({"groups": 16}, {}),
+    "eps0": ({"assign_eps": 0.0}, {}),
+    "lr1e3": ({}, {"lr": 1e-3}),
+    "grouponly": ({}, {"contrastive_weight": 0.0, "multilabel_weight": 0.0}),
+    "pixel": ({}, {"pixel_weight": 1.0}),
+    "small_pixel": ({"vision_hidden": 64, "depths": (2, 1)}, {"pixel_weight": 1.0}),
+    "small_pixel2": ({"vision_hidden": 64, "depths": (2, 1)}, {"pixel_weight": 2.0}),
+    "small_pixel_lr1e3": ({"vision_hidden": 64, "depths": (2, 1)}, {"pixel_weight": 1.0, "lr": 1e-3}),
+    "small_pixel_nogumbel": ({"vision_hidden": 64, "depths": (2, 1)}, {"pixel_weight": 1.0, "gumbel": False}),
+    "small_pixel_g16": ({"vision_hidden": 64, "depths": (2, 1), "groups": 16}, {"pixel_weight": 1.0}),
+    "small_pixel_nogroup": ({"vision_hidden": 64, "depths": (2, 1)}, {"pixel_weight": 1.0, "group_weight": 0.0}),
+    "tiny_pixel": ({"vision_hidden": 64, "depths": (1, 1)}, {"pixel_weight": 1.0}),
+}
+
+
+def train_synthetic(out: str, variant: str = "small", time_budget: Optional[float] = None, eval_count: int = 200,
+                    device: Optional[str] = None, resume: bool = False, progress: bool = True,
+                    evaluate: bool = True, **overrides: Any) -> Dict[str, Any]:
+    """Train a recipe of ``VARIANTS`` on the synthetic world into ``out`` and measure it.
+
+    Writes out/model (the trained model), out/checkpoint (resumable), out/log.txt and, when ``evaluate``,
+    out/result.json: zero-shot mIoU on ``eval_count`` held-out test scenes with grouping, the patch-level
+    ablation of the same weights and a random-weights model of the same architecture. ``time_budget`` (seconds)
+    shortens the schedule to what fits, measured on the first 30 steps. ``overrides`` set TrainConfig fields.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
+    arch, recipe = VARIANTS[variant]
+    options = dict(recipe)
+    options.update({k: v for k, v in overrides.items() if v is not None})
+    config = TrainConfig.from_dict(options)
+    torch.manual_seed(config.seed)
+    model = GroupViTModel(builtin_model_config(**arch))
+    os.makedirs(out, exist_ok=True)
+    log_file = open(os.path.join(out, "log.txt"), "a", encoding="utf-8")
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    started = time.perf_counter()
+    trainer = Trainer(model, config, output_dir=out, resume=resume, progress=progress, log=say, device=device)
+    if time_budget and trainer.world_size > 1:
+        raise ValueError("time_budget needs a single process (each process would measure its own step count)")
+    say(f"variant {variant} arch {arch} {config}; data ready in {time.perf_counter() - started:.1f}s")
+    if time_budget:
+        probe = min(30, config.steps - trainer.step)
+        t0 = time.perf_counter()
+        trainer.train(steps=trainer.step + probe)
+        per_step = (time.perf_counter() - t0) / max(probe, 1)
+        remaining = time_budget - (time.perf_counter() - started)
+        trainer.config.steps = max(trainer.step + 1, min(config.steps, trainer.step + int(remaining / per_step)))
+        say(f"{per_step:.3f}s/step -> {trainer.config.steps} steps")
+    t0 = time.perf_counter()
+    history = trainer.train()
+    seconds = time.perf_counter() - t0
+    say(f"trained {trainer.step} steps in {seconds:.0f}s")
+    result: Dict[str, Any] = {"variant": variant, "arch": {k: list(v) if isinstance(v, tuple) else v
+                                                           for k, v in arch.items()},
+                              "train_config": asdict(trainer.config), "steps": trainer.step,
+                              "train_seconds": seconds, "device": str(trainer.device),
+                              "final_loss": history[-1] if history else None}
+    if trainer.rank != 0:
+        log_file.close()
+        return result
+    if evaluate:
+        result["miou"] = evaluate_segmentation(trainer.model, count=eval_count)
+        result["miou_patch_ablation"] = evaluate_segmentation(trainer.model, count=eval_count, grouping=False)
+        torch.manual_seed(1234)
+        random_model = GroupViTModel(builtin_model_config(**arch)).to(trainer.device)
+        result["miou_random_weights"] = evaluate_segmentation(random_model, count=eval_count)
+        say(f"mIoU {result['miou']['miou']:.4f} patch-ablation {result['miou_patch_ablation']['miou']:.4f} "
+            f"random {result['miou_random_weights']['miou']:.4f}")
+    from groupvit_core.io_utils import atomic_write_text
+
+    atomic_write_text(os.path.join(out, "result.json"), json.dumps(result, indent=1) + "\n")
+    atomic_write_text(os.path.join(out, "history.json"), json.dumps(history) + "\n")
+    log_file.close()
+    return result

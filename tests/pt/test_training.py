@@ -1,0 +1,195 @@
+"""PyTorch training: the losses against direct numpy formulas, the schedule, determinism, checkpoint/resume,
+data-parallel over two gloo processes, the evaluation hook and the shipped built-in model."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from groupvit_core import synthetic
+from groupvit_core.testing import test_config
+from groupvit_pt import GroupViTModel
+from groupvit_pt import training as tr
+
+
+def _np_log_softmax(x, axis=-1):
+    x = x - x.max(axis=axis, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=axis, keepdims=True))
+
+
+def _unit(rng, *shape):
+    x = rng.normal(size=shape)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_losses_match_numpy():
+    rng = np.random.default_rng(0)
+    images, texts, prompts, groups = _unit(rng, 4, 8), _unit(rng, 4, 8), _unit(rng, 3, 8), _unit(rng, 4, 5, 8)
+    targets = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [1, 0, 0]], np.float64)
+    scale = 7.0
+    t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
+    s = torch.tensor(scale, dtype=torch.float64)
+
+    logits = scale * images @ texts.T
+    expected = -0.5 * (np.mean(np.diag(_np_log_softmax(logits, 1))) + np.mean(np.diag(_np_log_softmax(logits, 0))))
+    assert float(tr.contrastive_loss(t(images), t(texts), s)) == pytest.approx(expected, rel=1e-10)
+
+    logits = scale * images @ prompts.T
+    image_term = -np.mean(np.sum(targets / targets.sum(1, keepdims=True) * _np_log_softmax(logits, 1), 1))
+    valid = targets.sum(0) > 0
+    text_targets = (targets / targets.sum(0, keepdims=True)).T[valid]
+    text_term = -np.mean(np.sum(text_targets * _np_log_softmax(logits.T[valid], 1), 1))
+    got = float(tr.multilabel_loss(t(images), t(prompts), t(targets), s))
+    assert got == pytest.approx(0.5 * (image_term + text_term), rel=1e-10)
+
+    log_p = _np_log_softmax(scale * groups @ prompts.T, -1)  # (4, 5, 3)
+    present = targets > 0
+    coverage = -np.sum(log_p.max(axis=1) * present) / present.sum()
+    purity = -np.mean(np.log(np.sum(np.exp(log_p) * present[:, None, :], -1)))
+    got = float(tr.group_loss(t(groups), t(prompts), t(targets), s))
+    assert got == pytest.approx(0.5 * (coverage + purity), rel=1e-10)
+
+
+def test_learning_rate_schedule():
+    cfg = tr.TrainConfig(steps=110, warmup_steps=10, lr=1.0, min_lr=0.0)
+    assert tr.learning_rate(0, cfg) == pytest.approx(0.1)
+    assert tr.learning_rate(9, cfg) == pytest.approx(1.0)
+    assert tr.learning_rate(10, cfg) == pytest.approx(1.0)
+    assert tr.learning_rate(60, cfg) == pytest.approx(0.5)
+    assert tr.learning_rate(110, cfg) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="unknown training option"):
+        tr.TrainConfig.from_dict({"stepz": 3})
+    with pytest.raises(ValueError, match="batch_size"):
+        tr.TrainConfig(batch_size=0).validate()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from groupvit_core.tokenizer import GroupViTTokenizer
+
+    return GroupViTTokenizer.from_pretrained(tr._empty_dir())
+
+
+@pytest.fixture(scope="module")
+def data(tokenizer):
+    return tr.SyntheticData(tokenizer, pool_size=8, image_size=32, max_text_length=24)
+
+
+def _trainer(tokenizer, data, steps=3, output_dir=None, resume=False, **kw):
+    torch.manual_seed(99)  # model init differs from the trainer's seed on purpose
+    model = GroupViTModel(test_config("small"))
+    cfg = tr.TrainConfig(steps=steps, batch_size=4, image_size=32, pool_size=8, max_text_length=24,
+                         warmup_steps=1, checkpoint_every=2, pixel_weight=0.5, **kw)
+    return tr.Trainer(model, cfg, output_dir=output_dir, tokenizer=tokenizer, data=data, resume=resume,
+                      progress=False, log=lambda line: None)
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_batches_are_seeded(data):
+    a, b = data.batch(5, 4, seed=1), data.batch(5, 4, seed=1)
+    for key in a:
+        assert torch.equal(a[key], b[key])
+    assert not torch.equal(data.batch(6, 4, seed=1)["input_ids"], a["input_ids"]) or \
+        not torch.equal(data.batch(6, 4, seed=1)["pixel_values"], a["pixel_values"])
+    half = data.batch(5, 4, seed=1, rank=1, world_size=2)
+    assert torch.equal(half["pixel_values"], a["pixel_values"][2:])
+
+
+def test_training_is_deterministic_and_learns(tokenizer, data):
+    first, second = _trainer(tokenizer, data), _trainer(tokenizer, data)
+    h1, h2 = first.train(), second.train()
+    assert [r["loss"] for r in h1] == [r["loss"] for r in h2]
+    w1, w2 = _weights(first.model), _weights(second.model)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert all(math.isfinite(r["loss"]) for r in h1)
+    # every loss term is present and active
+    assert all(h1[0][k] > 0 for k in ("contrastive", "multilabel", "group", "pixel"))
+
+
+def test_checkpoint_and_resume_match_a_continuous_run(tmp_path, tokenizer, data):
+    continuous = _trainer(tokenizer, data, steps=3)
+    continuous.train()
+    interrupted = _trainer(tokenizer, data, steps=3, output_dir=str(tmp_path))
+    interrupted.train(steps=2)  # checkpoint_every=2 writes checkpoint/ at step 2
+    assert os.path.isfile(tmp_path / "checkpoint" / tr.TRAIN_STATE_FILE)
+    resumed = _trainer(tokenizer, data, steps=3, output_dir=str(tmp_path), resume=True)
+    assert resumed.step == 2
+    resumed.train()
+    w1, w2 = _weights(continuous.model), _weights(resumed.model)
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], rtol=0, atol=0, msg=key)
+    assert os.path.isfile(tmp_path / "model" / "model.safetensors")
+    loaded = GroupViTModel.from_pretrained(str(tmp_path / "model"))
+    torch.testing.assert_close(loaded.logit_scale, resumed.model.logit_scale)
+
+
+def test_resume_without_checkpoint_dir_raises(tokenizer, data):
+    with pytest.raises(ValueError, match="output_dir"):
+        _trainer(tokenizer, data, resume=True)
+
+
+def _ddp_worker(rank, world_size, port, out):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        from groupvit_core.tokenizer import GroupViTTokenizer
+
+        tok = GroupViTTokenizer.from_pretrained(tr._empty_dir())
+        data = tr.SyntheticData(tok, pool_size=8, image_size=32, max_text_length=24)
+        trainer = _trainer(tok, data, steps=2)
+        assert trainer.world_size == 2
+        trainer.train()
+        flat = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()]).numpy()
+        np.save(os.path.join(out, f"rank{rank}.npy"), flat)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_gloo_processes_stay_in_sync(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    a, b = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
+    np.testing.assert_array_equal(a, b)
+    torch.manual_seed(99)
+    start = torch.cat([p.detach().reshape(-1) for p in GroupViTModel(test_config("small")).parameters()]).numpy()
+    assert not np.array_equal(a, start)
+
+
+def test_evaluate_segmentation_runs_with_and_without_grouping():
+    torch.manual_seed(0)
+    model = GroupViTModel(tr.builtin_model_config(text_hidden=32, vision_hidden=32, depths=(1, 1)))
+    for grouping in (True, False):
+        result = tr.evaluate_segmentation(model, count=2, grouping=grouping)
+        assert 0.0 <= result["miou"] <= 1.0
+        assert set(result["iou"]) == set(synthetic.CLASS_NAMES)
+        assert result["iou"]["background"] is None  # never in the masks nor predicted
+
+
+def test_builtin_model_loads_in_pytorch():
+    from groupvit_core.builtin import builtin_class_names, builtin_model_path, builtin_segmenter_options
+
+    model = GroupViTModel.from_pretrained(builtin_model_path())
+    assert model.logit_scale.dtype == torch.float32
+    size = sum(os.path.getsize(os.path.join(builtin_model_path(), f)) for f in os.listdir(builtin_model_path()))
+    assert size < 10 * 2**20
+    assert builtin_segmenter_options()["window"] == "whole"
+    assert builtin_class_names() == synthetic.ENTITY_NAMES
+    result = tr.evaluate_segmentation(model, count=4)
+    assert 0.0 <= result["miou"] <= 1.0
