@@ -31,6 +31,8 @@ import json
 import math
 import os
 import pickle
+import pickletools
+import reprlib
 import struct
 import zipfile
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
@@ -39,7 +41,7 @@ import h5py
 import numpy as np
 import safetensors.numpy
 
-from groupvit_core.io_utils import PathLike, atomic_path
+from groupvit_core.io_utils import PathLike, atomic_path, parse_json_bytes, read_json_file
 
 __all__ = [
     "UnresolvedGlobal",
@@ -155,6 +157,10 @@ _SAFETENSORS_DTYPES = {
 _NUMPY_TO_SAFETENSORS = {v: k for k, v in _SAFETENSORS_DTYPES.items() if k != "BF16"}
 
 
+_MAX_NDIM = 32  # safetensors tensors may have at most this many dimensions here (numpy allows 64)
+_MAX_DIM = 2**62  # bound on each dimension and on the byte size implied by the nonzero dimensions
+
+
 def _read_safetensors_header(handle, path: str, file_size: int) -> Tuple[int, list]:
     prefix = handle.read(8)
     if len(prefix) < 8:
@@ -163,10 +169,7 @@ def _read_safetensors_header(handle, path: str, file_size: int) -> Tuple[int, li
     if header_size > file_size - 8 or header_size > _MAX_SAFETENSORS_HEADER:
         raise OSError(f"{path}: safetensors header claims {header_size} bytes but the file has {file_size}")
     raw = handle.read(header_size)
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_pairs(path))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: corrupt safetensors header ({error})") from error
+    header = parse_json_bytes(raw, path, "safetensors header", object_pairs_hook=_no_duplicate_pairs(path))
     if not isinstance(header, dict):
         raise ValueError(f"{path}: safetensors header is not a JSON object")
     header.pop("__metadata__", None)
@@ -175,12 +178,17 @@ def _read_safetensors_header(handle, path: str, file_size: int) -> Tuple[int, li
     for name, info in header.items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise ValueError(f"{path}: malformed header entry for {name!r}: {info!r}")
-        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
         if dtype is None:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']!r}")
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {reprlib.repr(info['dtype'])}")
         shape, offsets = info["shape"], info["data_offsets"]
-        if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
-            raise ValueError(f"{path}: tensor {name!r} has invalid shape {shape!r}")
+        if not (isinstance(shape, list) and all(type(n) is int and 0 <= n < _MAX_DIM for n in shape)):
+            raise ValueError(f"{path}: tensor {name!r} has invalid shape {reprlib.repr(shape)}")
+        if len(shape) > _MAX_NDIM:
+            raise ValueError(f"{path}: tensor {name!r} has {len(shape)} dimensions; at most {_MAX_NDIM} are supported")
+        # numpy refuses shapes whose nonzero dims overflow even when another dim is 0 (a zero-element tensor).
+        if math.prod(n for n in shape if n) * dtype.itemsize >= _MAX_DIM:
+            raise ValueError(f"{path}: tensor {name!r} has an impossibly large shape {reprlib.repr(shape)}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)):
             raise ValueError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
         begin, end = offsets
@@ -555,8 +563,18 @@ def _rebuild_from_type_v2(func, _new_type, args, _state):
     return func(*args)
 
 
+class _UniqueKeyOrderedDict(collections.OrderedDict):
+    """The OrderedDict a state-dict pickle builds; setting a key twice (SETITEM/SETITEMS) is refused, as
+    safetensors and tf_model.h5 readers refuse duplicate names, so no two readers can disagree on a file."""
+
+    def __setitem__(self, key, value):
+        if key in self:
+            raise ValueError(f"duplicate key {key!r} in state dict")
+        super().__setitem__(key, value)
+
+
 _ALLOWED_GLOBALS = {
-    "collections.OrderedDict": collections.OrderedDict,
+    "collections.OrderedDict": _UniqueKeyOrderedDict,
     "torch._utils._rebuild_tensor": _rebuild_tensor,
     "torch._utils._rebuild_tensor_v2": _rebuild_tensor,
     "torch._utils._rebuild_parameter": _rebuild_parameter,
@@ -610,6 +628,69 @@ class _RestrictedUnpickler(pickle.Unpickler):
         storage = _Storage(array, storage_type.bfloat16)
         self._storages[key] = storage
         return storage
+
+
+_MAX_PICKLE_NESTING = 100  # torch state dicts nest < 10 levels
+_PICKLE_IN_PLACE = {"SETITEM", "SETITEMS", "APPEND", "APPENDS", "BUILD", "ADDITEMS"}
+_PICKLE_PUT = {"PUT", "BINPUT", "LONG_BINPUT"}
+_PICKLE_GET = {"GET", "BINGET", "LONG_BINGET"}
+
+
+def _check_pickle_nesting(data: bytes, path: str) -> None:
+    """Refuse a pickle whose objects (or MARKs) nest deeper than ``_MAX_PICKLE_NESTING``, before unpickling.
+
+    The C unpickler and the hash/repr of the objects it builds recurse without a depth check (a deep tuple key
+    crashes the interpreter), so the opcode stream is scanned first: every stack entry carries the nesting depth
+    of the object it stands for, conservatively one more than the deepest object an opcode consumed.
+    """
+    stack: list = []
+    marks: list = []
+    memo: Dict[Any, int] = {}
+    try:
+        for opcode, arg, position in pickletools.genops(data):
+            name = opcode.name
+            if name in _PICKLE_PUT or name == "MEMOIZE":
+                memo[arg if name != "MEMOIZE" else len(memo)] = stack[-1] if stack else 0
+                continue
+            if name in _PICKLE_GET:
+                stack.append(memo.get(arg, 0))
+                continue
+            if name == "DUP":
+                stack.append(stack[-1] if stack else 0)
+                continue
+            if name == "MARK":
+                marks.append(len(stack))
+                if len(marks) > _MAX_PICKLE_NESTING:
+                    raise ValueError(
+                        f"{path}: data.pkl nests deeper than {_MAX_PICKLE_NESTING} levels (MARK at byte {position})"
+                    )
+                continue
+            before = opcode.stack_before
+            if pickletools.markobject in before:
+                start = marks.pop() if marks else 0
+                inner = stack[start:]
+                del stack[start:]
+                below = [stack.pop() if stack else 0 for _ in range(before.index(pickletools.markobject))]
+            else:
+                inner = [stack.pop() if stack else 0 for _ in before]
+                below = []
+            if name in _PICKLE_IN_PLACE:
+                # the container stays where it was; it is now as deep as its deepest new member, plus one
+                container = below[-1] if below else (inner.pop() if inner else 0)
+                depths = [container] + [d + 1 for d in inner]
+                pushed = [max(depths)] * len(opcode.stack_after)
+            else:
+                depth = max(inner + below, default=-1) + 1
+                pushed = [depth] * len(opcode.stack_after)
+            if any(d > _MAX_PICKLE_NESTING for d in pushed):
+                raise ValueError(
+                    f"{path}: data.pkl nests deeper than {_MAX_PICKLE_NESTING} levels ({name} at byte {position})"
+                )
+            stack.extend(pushed)
+    except ValueError as error:
+        if path in str(error):
+            raise
+        raise ValueError(f"{path}: corrupt data.pkl ({error})") from None
 
 
 def _read_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> bytes:
@@ -673,7 +754,9 @@ def read_torch_pickle(path: PathLike) -> Any:
         info = archive.getinfo(pickles[0])
         if info.file_size > _MAX_PICKLE_BYTES:
             raise ValueError(f"{path}: data.pkl claims {info.file_size} bytes")
-        unpickler = _RestrictedUnpickler(_read_zip_member(archive, info, path), archive, prefix, byteorder, path)
+        data = _read_zip_member(archive, info, path)
+        _check_pickle_nesting(data, path)
+        unpickler = _RestrictedUnpickler(data, archive, prefix, byteorder, path)
         try:
             return unpickler.load()
         except (ValueError, OSError) as error:
@@ -698,7 +781,7 @@ def read_torch_bin(path: PathLike) -> StateDict:
     path = os.fspath(path)
     obj = read_torch_pickle(path)
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: top-level object is {type(obj).__name__} {obj!r}, not a dict")
+        raise ValueError(f"{path}: top-level object is {type(obj).__name__} {reprlib.repr(obj)}, not a dict")
     state = obj
     if not _is_state_dict(obj):
         for entry in ("model", "state_dict"):
@@ -709,9 +792,9 @@ def read_torch_bin(path: PathLike) -> StateDict:
             raise ValueError(f"{path}: no state dict found; top-level keys are {sorted(map(str, obj))}")
     for key, value in state.items():
         if not isinstance(key, str):
-            raise ValueError(f"{path}: state dict key {key!r} is not a string")
+            raise ValueError(f"{path}: state dict key {reprlib.repr(key)} is not a string")
         if not isinstance(value, np.ndarray):
-            raise ValueError(f"{path}: state dict entry {key!r} is {value!r}, not a tensor")
+            raise ValueError(f"{path}: state dict entry {key!r} is {reprlib.repr(value)}, not a tensor")
     return dict(state)
 
 
@@ -854,11 +937,7 @@ def _sniff_format(path: str) -> str:
 
 def _read_sharded(index_path: str) -> Tuple[StateDict, str]:
     """Read a ``*.index.json`` sharded checkpoint; every tensor must sit in the shard the index names."""
-    try:
-        with open(index_path, "r", encoding="utf-8") as handle:
-            index = json.load(handle, object_pairs_hook=_no_duplicate_pairs(index_path))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{index_path}: corrupt shard index ({error})") from error
+    index = read_json_file(index_path, "shard index", object_pairs_hook=_no_duplicate_pairs(index_path))
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ValueError(f"{index_path}: shard index has no valid 'weight_map'")

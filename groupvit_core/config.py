@@ -10,15 +10,24 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from .io_utils import atomic_write_text
+from .io_utils import atomic_write_text, parse_json_bytes, read_json_file, read_text_file
 
 CONFIG_NAME = "config.json"
 
-def _check_positive_int(owner: str, name: str, value: Any, allow_zero: bool = False) -> int:
+# Sanity bounds on what a config.json may claim, so a hostile or corrupt file fails at validation instead of
+# building millions of weight specs or allocating absurd tensors.  Published checkpoints are far below these.
+MAX_LAYERS = 1024  # num_hidden_layers and each entry of depths
+MAX_STAGES = 16  # len(depths)
+MAX_SIZE = 2**24  # hidden/intermediate/vocab/position/image sizes and group-token counts
+_MODULE = {"text_config": "text_model", "vision_config": "vision_model"}
+
+def _check_positive_int(owner: str, name: str, value: Any, allow_zero: bool = False,
+                        maximum: Optional[int] = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         # JSON floats such as 256.0 are accepted when integral.
         if isinstance(value, float) and value.is_integer():
@@ -28,6 +37,10 @@ def _check_positive_int(owner: str, name: str, value: Any, allow_zero: bool = Fa
     if value < 0 or (value == 0 and not allow_zero):
         bound = "non-negative" if allow_zero else "positive"
         raise ValueError(f"{owner}.{name} must be {bound}, got {value}")
+    if maximum is not None and value > maximum:
+        module = _MODULE.get(owner, owner)
+        raise ValueError(f"{owner}.{name} = {value} exceeds the supported maximum {maximum} "
+                         f"({module} weights of that size cannot be built)")
     return value
 
 
@@ -49,10 +62,13 @@ def _check_rate(owner: str, name: str, value: Any) -> float:
     return value
 
 
-def _check_int_list(owner: str, name: str, value: Any, allow_zero: bool) -> List[int]:
+def _check_int_list(owner: str, name: str, value: Any, allow_zero: bool, maximum: Optional[int] = None) -> List[int]:
     if not isinstance(value, (list, tuple)):
         raise TypeError(f"{owner}.{name} must be a list of integers, got {value!r}")
-    return [_check_positive_int(owner, f"{name}[{i}]", v, allow_zero=allow_zero) for i, v in enumerate(value)]
+    if len(value) > MAX_STAGES:
+        raise ValueError(f"{owner}.{name} has {len(value)} entries; at most {MAX_STAGES} stages are supported")
+    return [_check_positive_int(owner, f"{name}[{i}]", v, allow_zero=allow_zero, maximum=maximum)
+            for i, v in enumerate(value)]
 
 
 SUPPORTED_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
@@ -170,9 +186,11 @@ class GroupViTTextConfig(_ConfigBase):
 
     def validate(self) -> None:
         owner = "text_config"
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "max_position_embeddings"):
-            setattr(self, name, _check_positive_int(owner, name, getattr(self, name)))
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                     "max_position_embeddings"):
+            setattr(self, name, _check_positive_int(owner, name, getattr(self, name), maximum=MAX_SIZE))
+        self.num_hidden_layers = _check_positive_int(owner, "num_hidden_layers", self.num_hidden_layers,
+                                                     maximum=MAX_LAYERS)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"text_config.hidden_size ({self.hidden_size}) must be divisible by "
@@ -252,8 +270,9 @@ class GroupViTVisionConfig(_ConfigBase):
         owner = "vision_config"
         for name in ("hidden_size", "intermediate_size", "num_attention_heads", "image_size", "patch_size",
                      "num_channels"):
-            setattr(self, name, _check_positive_int(owner, name, getattr(self, name)))
-        self.num_hidden_layers = _check_positive_int(owner, "num_hidden_layers", self.num_hidden_layers)
+            setattr(self, name, _check_positive_int(owner, name, getattr(self, name), maximum=MAX_SIZE))
+        self.num_hidden_layers = _check_positive_int(owner, "num_hidden_layers", self.num_hidden_layers,
+                                                     maximum=MAX_LAYERS * MAX_STAGES)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"vision_config.hidden_size ({self.hidden_size}) must be divisible by "
@@ -264,12 +283,13 @@ class GroupViTVisionConfig(_ConfigBase):
                 f"vision_config.image_size ({self.image_size}) must be a multiple of "
                 f"vision_config.patch_size ({self.patch_size})"
             )
-        self.depths = _check_int_list(owner, "depths", self.depths, allow_zero=False)
+        self.depths = _check_int_list(owner, "depths", self.depths, allow_zero=False, maximum=MAX_LAYERS)
         if not self.depths:
             raise ValueError("vision_config.depths must name at least one stage")
-        self.num_group_tokens = _check_int_list(owner, "num_group_tokens", self.num_group_tokens, allow_zero=True)
+        self.num_group_tokens = _check_int_list(owner, "num_group_tokens", self.num_group_tokens, allow_zero=True,
+                                                maximum=MAX_SIZE)
         self.num_output_groups = _check_int_list(owner, "num_output_groups", self.num_output_groups,
-                                                 allow_zero=False)
+                                                 allow_zero=False, maximum=MAX_SIZE)
         for name in ("num_group_tokens", "num_output_groups"):
             if len(getattr(self, name)) != len(self.depths):
                 raise ValueError(
@@ -300,7 +320,13 @@ class GroupViTVisionConfig(_ConfigBase):
         else:
             ratios = [_check_number(owner, "assign_mlp_ratio", ratio)] * 2
         for i, r in enumerate(ratios):
-            if int(r * self.hidden_size) < 1:
+            product = r * self.hidden_size
+            if not math.isfinite(product) or product > MAX_SIZE:
+                raise ValueError(
+                    f"vision_config.assign_mlp_ratio[{i}] ({r}) * hidden_size ({self.hidden_size}) must be at most "
+                    f"{MAX_SIZE}"
+                )
+            if int(product) < 1:
                 raise ValueError(f"vision_config.assign_mlp_ratio[{i}] * hidden_size must be at least 1")
 
     # ----- derived quantities, shared by both frameworks -----
@@ -386,9 +412,9 @@ class GroupViTConfig(_ConfigBase):
 
     def validate(self) -> None:
         owner = "config"
-        self.projection_dim = _check_positive_int(owner, "projection_dim", self.projection_dim)
+        self.projection_dim = _check_positive_int(owner, "projection_dim", self.projection_dim, maximum=MAX_SIZE)
         self.projection_intermediate_dim = _check_positive_int(
-            owner, "projection_intermediate_dim", self.projection_intermediate_dim
+            owner, "projection_intermediate_dim", self.projection_intermediate_dim, maximum=MAX_SIZE
         )
         self.logit_scale_init_value = _check_number(owner, "logit_scale_init_value", self.logit_scale_init_value,
                                                     positive=False)
@@ -426,13 +452,7 @@ def resolve_config_file(path: Union[str, os.PathLike]) -> str:
 
 
 def _read_json(path: Union[str, os.PathLike]) -> Dict[str, Any]:
-    try:
-        with open(path, "r", encoding="utf-8") as handle:
-            data = json.load(handle)
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text: {err}") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    data = read_json_file(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from .io_utils import atomic_write_text
+from .io_utils import atomic_write_text, parse_json_bytes, read_json_file, read_text_file
 from .outputs import ModelOutput
 
 CLIP_MEAN: Tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -456,13 +456,7 @@ class GroupViTImageProcessor:
             path = os.path.join(path, PREPROCESSOR_NAME)
         if not os.path.isfile(path):
             raise OSError(f"no {PREPROCESSOR_NAME} found at {path}")
-        try:
-            with open(path, "r", encoding="utf-8") as handle:
-                data = json.load(handle)
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path} is not UTF-8 text: {err}") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        data = read_json_file(path)
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
         try:

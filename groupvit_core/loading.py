@@ -14,7 +14,8 @@ from typing import Dict, Mapping, Optional, Tuple, Type, Union
 import numpy as np
 
 from . import checkpoint
-from .config import GroupViTConfig, GroupViTTextConfig, GroupViTVisionConfig, load_any_config
+from .config import CONFIG_NAME, GroupViTConfig, GroupViTTextConfig, GroupViTVisionConfig, load_any_config
+from .io_utils import atomic_path
 from .weights import AnyConfig, canonical_to_h5, check_state, h5_to_canonical, select_submodel, spec_table
 
 WEIGHT_FILES = {"safetensors": "model.safetensors", "bin": "pytorch_model.bin", "h5": "tf_model.h5"}
@@ -65,14 +66,19 @@ def save_pretrained(directory: Union[str, os.PathLike], config: AnyConfig, state
         raise OSError(f"save_pretrained expects a directory, but {directory} is a file")
     os.makedirs(directory, exist_ok=True)
     check_state(state, config, source="the model's state")
-    config.save_pretrained(directory)
     path = os.path.join(directory, WEIGHT_FILES[format])
     # np.ascontiguousarray would turn 0-d tensors (logit_scale, counters) into shape (1,).
     arrays = {name: np.asarray(array, order="C") for name, array in state.items()}
-    if format == "safetensors":
-        checkpoint.write_safetensors(path, arrays, metadata={"format": "pt"})
-    elif format == "bin":
-        checkpoint.write_torch_bin(path, arrays)
-    else:
-        checkpoint.write_h5(path, canonical_to_h5(arrays, config))
+    # The pair is replaced together: config.json goes to a temporary file first, the weights are written to
+    # their own temporary file and renamed (each writer is atomic), and only then is config.json renamed. An
+    # interrupted save therefore never leaves a new config.json beside old weights.
+    with atomic_path(os.path.join(directory, CONFIG_NAME)) as config_tmp:
+        with open(config_tmp, "w", encoding="utf-8") as handle:
+            handle.write(config.to_json_string())
+        if format == "safetensors":
+            checkpoint.write_safetensors(path, arrays, metadata={"format": "pt"})
+        elif format == "bin":
+            checkpoint.write_torch_bin(path, arrays)
+        else:
+            checkpoint.write_h5(path, canonical_to_h5(arrays, config))
     return path

@@ -26,7 +26,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from .io_utils import atomic_write_text
+from .io_utils import atomic_write_text, parse_json_bytes, read_json_file, read_text_file
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -50,6 +50,8 @@ SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 MERGES_HEADER = "#version: 0.2"
 # transformers writes int(1e30) as model_max_length when a tokenizer has no limit of its own.
 _UNSET_MAX_LENGTH = 10**20
+# Every call pads to model_max_length, so a file may not ask for more than this (CLIP uses 77).
+MAX_MODEL_MAX_LENGTH = 2**16
 
 _PADDING_CHOICES = {
     "max_length": "max_length", "longest": "longest", "do_not_pad": False, True: "longest", False: False,
@@ -386,8 +388,7 @@ class GroupViTTokenizer:
                 if not os.path.isfile(path):
                     raise OSError(f"{directory} has {VOCAB_FILE} or {MERGES_FILE} but not {os.path.basename(path)}")
             vocab = _check_vocab(_read_json(vocab_path), vocab_path)
-            with open(merges_path, encoding="utf-8") as handle:
-                lines = handle.read().strip().split("\n")
+            lines = read_text_file(merges_path).strip().split("\n")
             # Like transformers' CLIPTokenizer: line 0 is the header, at most NUM_MERGES merges are used.
             merges = _parse_merges(lines[1 : NUM_MERGES + 1], merges_path, first_line=2)
             backend = _build_backend(vocab, merges, f"{vocab_path} + {merges_path}")
@@ -449,6 +450,7 @@ def _is_int(value: Any) -> bool:
 
 def _check_texts(texts: Any) -> List[str]:
     if isinstance(texts, str):
+        _check_unicode(texts, "texts[0]")
         return [texts]
     if not isinstance(texts, (list, tuple)):
         raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
@@ -457,12 +459,24 @@ def _check_texts(texts: Any) -> List[str]:
     for index, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"texts[{index}] must be a str, got {type(text).__name__}")
+        _check_unicode(text, f"texts[{index}]")
     return list(texts)
 
 
 def _check_one_text(text: Any) -> None:
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
+    _check_unicode(text, "text")
+
+
+def _check_unicode(text: str, label: str) -> None:
+    """A str holding a lone surrogate cannot be encoded as UTF-8; say so instead of tokenizers' TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"{label} is not valid Unicode: lone surrogate {text[error.start]!r} at position {error.start}"
+        ) from None
 
 
 def _choice(choices: Dict[Any, Any], value: Any, name: str) -> Any:
@@ -481,6 +495,8 @@ def _check_max_length(value: Any, name: str) -> int:
     value = operator.index(value)
     if value < 2:
         raise ValueError(f"{name} must be at least 2 (start and end tokens), got {value}")
+    if value > MAX_MODEL_MAX_LENGTH:
+        raise ValueError(f"{name} must be at most {MAX_MODEL_MAX_LENGTH}, got {value}")
     return value
 
 
@@ -511,11 +527,7 @@ def _check_merges(merges: Any) -> Merges:
 
 
 def _read_json(path: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    return read_json_file(path)
 
 
 def _token_content(value: Any, path: str, key: str) -> Optional[str]:
@@ -561,12 +573,8 @@ def _read_settings(directory: str) -> Dict[str, Any]:
 
 
 def _read_tokenizer_json(path: str) -> Tuple[Tokenizer, Dict[str, int], Merges]:
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    text = read_text_file(path)
+    data = parse_json_bytes(text, path)
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict) or model.get("type") != "BPE":
         raise ValueError(f"{path} does not hold a BPE tokenizer (model.type {model and model.get('type')!r})")

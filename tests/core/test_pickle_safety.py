@@ -435,14 +435,6 @@ def test_deeply_nested_state_dict_value_fails_cleanly(tmp_path):
         ck.read_torch_bin(torch_zip(tmp_path / "deep.bin", data))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG F8/F9: deeply nested pickles crash or escape. Repro: data.pkl = PROTO 2, EMPTY_DICT, MARK*200000, "
-    "EMPTY_TUPLE, TUPLE*200000, NONE, SETITEM, STOP -> the interpreter SEGFAULTS in checkpoint.read_torch_pickle "
-    "(the C unpickler hashes the 200000-deep tuple key; tuplehash recurses without a depth check; EMPTY_TUPLE + "
-    "TUPLE1*200000 as a key does the same). A 200000-deep list as the top-level object raises RecursionError from "
-    "read_torch_bin's f'{obj!r}' error message. Fix: before unpickling, scan data.pkl with pickletools.genops and "
-    "track container nesting (MARK depth, and TUPLE1/2/3 applied to the top of the stack), rejecting depth > 100 "
-    "with ValueError naming the file (torch state dicts nest < 10); and format error messages with reprlib.repr."))
 @pytest.mark.parametrize("case", list(_deep_programs(1)))
 def test_deeply_nested_pickles_fail_cleanly(tmp_path, case):
     path = torch_zip(tmp_path / "deep.bin", _deep_programs(200000)[case])
