@@ -923,7 +923,8 @@ _DIRECTORY_FILES = (
 )
 
 
-def _sniff_format(path: str) -> str:
+def sniff_format(path: str) -> str:
+    """'safetensors', 'bin' or 'h5' from a file's first bytes; ValueError for anything else."""
     with open(path, "rb") as handle:
         head = handle.read(9)
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
@@ -932,7 +933,7 @@ def _sniff_format(path: str) -> str:
         return "h5"
     if len(head) == 9 and head[8:9] == b"{":
         return "safetensors"
-    raise ValueError(f"{path}: not a recognised checkpoint (expected safetensors, torch zip or HDF5)")
+    raise ValueError(f"{path}: unknown checkpoint layout (not a safetensors, torch zip or HDF5 file)")
 
 
 def _read_sharded(index_path: str) -> Tuple[StateDict, str]:
@@ -948,7 +949,7 @@ def _read_sharded(index_path: str) -> Tuple[StateDict, str]:
         if os.path.basename(shard) != shard or shard in ("", ".", ".."):
             raise ValueError(f"{index_path}: shard name {shard!r} must be a file name in the same directory")
         shard_path = _existing_file(os.path.join(directory, shard))
-        fmt = _sniff_format(shard_path)
+        fmt = sniff_format(shard_path)
         formats.add(fmt)
         if len(formats) > 1:
             raise ValueError(f"{index_path}: shards mix checkpoint formats {sorted(formats)}")
@@ -984,5 +985,5 @@ def load_state(directory_or_file: PathLike) -> Tuple[StateDict, str]:
     path = _existing_file(path)
     if path.endswith(".index.json"):
         return _read_sharded(path)
-    fmt = _sniff_format(path)
+    fmt = sniff_format(path)
     return _READERS[fmt](path), fmt

@@ -59,18 +59,6 @@ class Source:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _sniff(path: str) -> str:
-    with open(path, "rb") as handle:
-        head = handle.read(9)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        return "bin"
-    if head[:8] == b"\x89HDF\r\n\x1a\n":
-        return "h5"
-    if len(head) == 9 and head[8:9] == b"{":
-        return "safetensors"
-    raise ValueError(f"{path}: unknown checkpoint layout (not a safetensors, torch zip or HDF5 file)")
-
-
 def _weights_file(directory: str) -> str:
     for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json", "tf_model.h5"):
@@ -103,7 +91,7 @@ def read_source(src: PathLike, *, vision_heads: Optional[int] = None, text_heads
         raw, fmt = checkpoint.load_state(weights_path)
         nvlabs_config = None
     else:
-        fmt = _sniff(weights_path)
+        fmt = checkpoint.sniff_format(weights_path)
         nvlabs_config = None
         if fmt == "bin":
             # read_nvlabs_checkpoint also takes the state dict out of {'model': ..., 'config': ...} files.
