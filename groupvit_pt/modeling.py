@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -34,6 +34,8 @@ BATCH_NORM_MOMENTUM = 0.1
 # transformers' GroupViTConfig hard-codes these for the joint model's initialisation.
 JOINT_INITIALIZER_RANGE = 0.02
 JOINT_INITIALIZER_FACTOR = 1.0
+# quick_gelu(h) = h * sigmoid(1.702 h) = silu(1.702 h) / 1.702.
+QUICK_GELU_SCALE = 1.702
 
 AnyConfig = Union[GroupViTConfig, GroupViTTextConfig, GroupViTVisionConfig]
 ArrayLike = Union[torch.Tensor, np.ndarray]
@@ -112,6 +114,72 @@ def _resize_matrix(mode: str, in_size: int, out_size: int, dtype: torch.dtype, d
     return torch.tensor(make(in_size, out_size), dtype=dtype, device=device)
 
 
+def _derived_weights(cache: Dict[str, tuple], name: str, tensors: Sequence[torch.Tensor],
+                     build: Callable[..., Tuple[torch.Tensor, ...]]) -> Tuple[torch.Tensor, ...]:
+    """``build(*tensors)``: weights derived at run time (stacked q/k/v, rescaled MLP), cached in ``cache[name]``.
+
+    The checkpoint layout is untouched: derived tensors exist only here. When autograd needs them they are built
+    on every call; otherwise they are kept and rebuilt as soon as one of ``tensors`` is replaced or changed in
+    place. The cache keeps detached aliases of the tensors it was built from: an alias shares storage and
+    version counter with its tensor, so while it lives an equal data pointer means the same memory and an equal
+    version the same contents.
+    """
+    if (torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)) or any(
+            tensor.is_inference() for tensor in tensors):  # inference tensors have no version counter
+        return build(*tensors)
+    entry = cache.get(name)
+    if entry is not None:
+        aliases, versions, derived = entry
+        if all(alias.data_ptr() == tensor.data_ptr() and alias.shape == tensor.shape and alias.dtype == tensor.dtype
+               and version == tensor._version for alias, version, tensor in zip(aliases, versions, tensors)):
+            return derived
+    with torch.no_grad():
+        derived = build(*tensors)
+    cache[name] = ([tensor.detach() for tensor in tensors], [tensor._version for tensor in tensors], derived)
+    return derived
+
+
+def _stacked_linear(cache: Dict[str, tuple], layers: Sequence[nn.Linear]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of ``layers`` stacked along the output axis: one GEMM computes all their outputs."""
+    count = len(layers)
+    return _derived_weights(
+        cache, f"stacked{count}", [t for layer in layers for t in (layer.weight, layer.bias)],
+        lambda *t: (torch.cat(t[0::2]), torch.cat(t[1::2])))
+
+
+# oneDNN's linear with fused epilogues (bias, activation, residual add): what torch.compile's CPU backend calls.
+# One kernel instead of a GEMM plus one or two elementwise passes over its output. It is used for CPU float32
+# inference (it has no autograd): always with an activation, and for plain linears when torch runs more than one
+# thread. There MKL's GEMM (torch.nn.Linear) synchronises its threads more often, which costs dearly when a core
+# is shared; on one thread MKL is a few percent faster (BENCHMARKS.md). Set _ONEDNN to False to compare.
+_ONEDNN = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
+_ONEDNN_ACTIVATIONS = {"gelu": ("gelu", "none"), "silu": ("swish", "")}
+_TORCH_ACTIVATIONS = {"gelu": functools.partial(F.gelu, approximate="none"), "silu": F.silu}
+
+
+def _linear(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: Optional[str] = None,
+            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``residual + act(states @ weight^T + bias)``; act: None, "gelu" (exact erf) or "silu"; not both."""
+    if activation is not None and residual is not None:
+        raise ValueError("_linear fuses an activation or a residual, not both")
+    if (_ONEDNN and (activation is not None or torch.get_num_threads() > 1) and states.device.type == "cpu"
+            and states.dtype == torch.float32 and weight.dtype == torch.float32 and not (torch.is_grad_enabled() and (
+                states.requires_grad or weight.requires_grad or bias.requires_grad
+                or (residual is not None and residual.requires_grad)))):
+        flat = states.reshape(-1, states.shape[-1]).contiguous()  # (tokens, in_features)
+        if residual is not None:
+            out = torch.ops.mkldnn._linear_pointwise.binary(
+                flat, residual.reshape(flat.shape[0], -1).contiguous(), weight, bias, "add")
+        else:
+            attr, algorithm = _ONEDNN_ACTIVATIONS.get(activation, ("none", ""))
+            out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, attr, [], algorithm)
+        return out.view(*states.shape[:-1], out.shape[-1])
+    out = F.linear(states, weight, bias)
+    if activation is not None:
+        out = _TORCH_ACTIVATIONS[activation](out)
+    return out if residual is None else residual + out
+
+
 def _combine_masks(attention_mask: Optional[torch.Tensor], causal: bool, query_length: int, key_length: int,
                    dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
     """One additive mask from a boolean (True = attend) or additive mask and the causal rule.
@@ -140,7 +208,10 @@ def _combine_masks(attention_mask: Optional[torch.Tensor], causal: bool, query_l
 
 
 class GroupViTAttention(nn.Module):
-    """Multi-head attention (self or cross), scale head_dim**-0.5, through scaled_dot_product_attention."""
+    """Multi-head attention (self or cross), scale head_dim**-0.5, through scaled_dot_product_attention.
+
+    q/k/v (k/v for cross-attention) are computed by one GEMM over the stacked weights (``_stacked_linear``).
+    """
 
     def __init__(self, hidden_size: int, num_heads: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -150,6 +221,7 @@ class GroupViTAttention(nn.Module):
         self._head_dim = hidden_size // num_heads
         self._scale = self._head_dim ** -0.5
         self._dropout = dropout
+        self._derived: Dict[str, tuple] = {}
         self.q_proj = nn.Linear(hidden_size, hidden_size)
         self.k_proj = nn.Linear(hidden_size, hidden_size)
         self.v_proj = nn.Linear(hidden_size, hidden_size)
@@ -157,21 +229,30 @@ class GroupViTAttention(nn.Module):
 
     def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
         batch, length, _ = states.shape
-        # (batch, length, hidden) -> (batch, heads, length, head_dim)
+        # (batch, length, hidden) -> (batch, heads, length, head_dim); a strided view, no copy
         return states.view(batch, length, self._num_heads, self._head_dim).transpose(1, 2)
+
+    def _project(self, states: torch.Tensor, layers: Tuple[nn.Linear, ...]) -> Tuple[torch.Tensor, ...]:
+        weight, bias = _stacked_linear(self._derived, layers)
+        # (batch, length, hidden) -> (batch, length, len(layers) * hidden) -> one (batch, length, hidden) view each
+        return _linear(states, weight, bias).split(self.q_proj.out_features, dim=-1)
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, causal: bool = False,
-                output_attentions: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                output_attentions: bool = False, residual: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Returns (output, attention probabilities (batch, heads, query, key) if ``output_attentions``).
 
         ``attention_mask`` is boolean (True = attend) or additive, broadcastable to (batch, heads, query, key).
+        With ``residual`` the output is ``residual + attention`` (the addition fused into the last GEMM).
         """
         batch, query_length, hidden = hidden_states.shape
-        source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        query = self._split_heads(self.q_proj(hidden_states))
-        key = self._split_heads(self.k_proj(source))
-        value = self._split_heads(self.v_proj(source))
+        if encoder_hidden_states is None:
+            query, key, value = self._project(hidden_states, (self.q_proj, self.k_proj, self.v_proj))
+        else:
+            query = self.q_proj(hidden_states)
+            key, value = self._project(encoder_hidden_states, (self.k_proj, self.v_proj))
+        query, key, value = self._split_heads(query), self._split_heads(key), self._split_heads(value)
         dropout = self._dropout if self.training else 0.0
         weights = None
         if output_attentions:
@@ -192,7 +273,7 @@ class GroupViTAttention(nn.Module):
                                                      scale=self._scale)
         # (batch, heads, query, head_dim) -> (batch, query, hidden)
         context = context.transpose(1, 2).reshape(batch, query_length, hidden)
-        return self.out_proj(context), weights
+        return _linear(context, self.out_proj.weight, self.out_proj.bias, residual=residual), weights
 
 
 class GroupViTMLP(nn.Module):
@@ -201,11 +282,26 @@ class GroupViTMLP(nn.Module):
     def __init__(self, hidden_act: str, in_features: int, intermediate_size: int, out_features: int) -> None:
         super().__init__()
         self._activation = activation(hidden_act)
+        self._hidden_act = hidden_act
+        self._derived: Dict[str, tuple] = {}
         self.fc1 = nn.Linear(in_features, intermediate_size)
         self.fc2 = nn.Linear(intermediate_size, out_features)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self._activation(self.fc1(hidden_states)))
+    def forward(self, hidden_states: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``fc2(act(fc1(hidden_states)))``, plus ``residual`` when given (fused into the last GEMM)."""
+        if self._hidden_act == "gelu":
+            inner = _linear(hidden_states, self.fc1.weight, self.fc1.bias, activation="gelu")
+            return _linear(inner, self.fc2.weight, self.fc2.bias, residual=residual)
+        if self._hidden_act == "quick_gelu":
+            # quick_gelu(h) = h * sigmoid(1.702 h) = silu(1.702 h) / 1.702: with fc1 scaled by 1.702 and fc2's
+            # weight by 1 / 1.702 it is one silu, fused into fc1's GEMM, instead of three elementwise passes.
+            weight1, bias1, weight2 = _derived_weights(
+                self._derived, "quick_gelu", (self.fc1.weight, self.fc1.bias, self.fc2.weight),
+                lambda w1, b1, w2: (w1 * QUICK_GELU_SCALE, b1 * QUICK_GELU_SCALE, w2 / QUICK_GELU_SCALE))
+            inner = _linear(hidden_states, weight1, bias1, activation="silu")
+            return _linear(inner, weight2, self.fc2.bias, residual=residual)
+        out = self.fc2(self._activation(self.fc1(hidden_states)))
+        return out if residual is None else residual + out
 
 
 class GroupViTMixerMLP(GroupViTMLP):
@@ -230,10 +326,10 @@ class GroupViTEncoderLayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 causal: bool = False, output_attentions: bool = False
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        attended, weights = self.self_attn(self.layer_norm1(hidden_states), attention_mask=attention_mask,
-                                           causal=causal, output_attentions=output_attentions)
-        hidden_states = hidden_states + attended
-        hidden_states = hidden_states + self.mlp(self.layer_norm2(hidden_states))
+        hidden_states, weights = self.self_attn(self.layer_norm1(hidden_states), attention_mask=attention_mask,
+                                                causal=causal, output_attentions=output_attentions,
+                                                residual=hidden_states)
+        hidden_states = self.mlp(self.layer_norm2(hidden_states), residual=hidden_states)
         return hidden_states, weights
 
 
@@ -249,8 +345,8 @@ class GroupViTCrossAttentionLayer(nn.Module):
         self.norm_post = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        hidden_states = query + self.attn(query, encoder_hidden_states=key)[0]
-        hidden_states = hidden_states + self.mlp(self.norm2(hidden_states))
+        hidden_states = self.attn(query, encoder_hidden_states=key, residual=query)[0]
+        hidden_states = self.mlp(self.norm2(hidden_states), residual=hidden_states)
         return self.norm_post(hidden_states)
 
 
@@ -263,6 +359,7 @@ class GroupViTAssignAttention(nn.Module):
         self._scale = hidden ** -0.5
         self._assign_eps = config.assign_eps
         self._gumbel = True  # Gumbel noise in training; set through the model's set_gumbel
+        self._derived: Dict[str, tuple] = {}
         self.q_proj = nn.Linear(hidden, hidden)
         self.k_proj = nn.Linear(hidden, hidden)
         self.v_proj = nn.Linear(hidden, hidden)
@@ -270,15 +367,18 @@ class GroupViTAssignAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Returns (new group tokens (batch, groups, hidden), soft assignment (batch, groups, tokens))."""
+        # k and v by one GEMM over the stacked weights: (batch, tokens, hidden) each
+        weight, bias = _stacked_linear(self._derived, (self.k_proj, self.v_proj))
+        keys, values = F.linear(key, weight, bias).split(self.k_proj.out_features, dim=-1)
         # (batch, groups, tokens)
-        raw = torch.matmul(self.q_proj(query), self.k_proj(key).transpose(1, 2)) * self._scale
+        raw = torch.matmul(self.q_proj(query), keys.transpose(1, 2)) * self._scale
         soft = raw.softmax(dim=-2)
         if self.training and self._gumbel:
             assignment = gumbel_softmax(raw, axis=-2, hard=True)
         else:
             assignment = _straight_through(soft, axis=-2)  # == hard_softmax(raw, -2), softmax computed once
         assignment = assignment / (assignment.sum(dim=-1, keepdim=True) + self._assign_eps)
-        new_tokens = self.proj(torch.matmul(assignment, self.v_proj(key)))
+        new_tokens = self.proj(torch.matmul(assignment, values))
         return new_tokens, soft
 
 
@@ -306,7 +406,7 @@ class GroupViTTokenAssign(nn.Module):
         projected = self.pre_assign_attn(projected, image_tokens)
         new_tokens, soft = self.assign(projected, image_tokens)
         new_tokens = new_tokens + projected
-        new_tokens = new_tokens + self.mlp_channels(self.norm_new_x(new_tokens))
+        new_tokens = self.mlp_channels(self.norm_new_x(new_tokens), residual=new_tokens)
         return new_tokens, soft
 
 
@@ -381,8 +481,13 @@ class GroupViTTextEmbeddings(nn.Module):
         super().__init__()
         self._vocab_size = config.vocab_size
         self._max_positions = config.max_position_embeddings
-        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        # Tables passed in (left uninitialised: _init_tower or the checkpoint fills them) so that nn.Embedding skips
+        # its normal_ init, which on the meta device of from_pretrained costs ~70 MB of lazily imported code.
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size,
+                                            _weight=torch.empty(config.vocab_size, config.hidden_size))
+        self.position_embedding = nn.Embedding(
+            config.max_position_embeddings, config.hidden_size,
+            _weight=torch.empty(config.max_position_embeddings, config.hidden_size))
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         length = input_ids.shape[-1]
@@ -511,40 +616,77 @@ class GroupViTTextTransformer(nn.Module):
         self.encoder = GroupViTTextEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, input_ids: ArrayLike, attention_mask: Optional[ArrayLike] = None,
-                position_ids: Optional[ArrayLike] = None, output_attentions: bool = False,
-                output_hidden_states: bool = False) -> BaseModelOutputWithPooling:
-        device = self.final_layer_norm.weight.device
-        dtype = self.final_layer_norm.weight.dtype
+    def _inputs(self, input_ids: ArrayLike, attention_mask: Optional[ArrayLike], position_ids: Optional[ArrayLike]
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        device, dtype = self.final_layer_norm.weight.device, self.final_layer_norm.weight.dtype
         input_ids = _as_input_ids(input_ids, device)
         attention_mask = _as_attention_mask(attention_mask, input_ids, dtype, device)
         if position_ids is not None:
             position_ids = _as_position_ids(position_ids, input_ids, device)
-        hidden_states = self.embeddings(input_ids, position_ids)
+        return input_ids, attention_mask, position_ids
 
-        length = input_ids.shape[1]
+    def _padding_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        # As the reference: every key whose mask is not 1 gets finfo.min, added to the causal mask; built once for
+        # all layers. (batch, length) -> (batch, 1, 1, length) + (length, length)
+        dtype, length = attention_mask.dtype, attention_mask.shape[1]
+        padding = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+        padding = padding.masked_fill(attention_mask != 1, torch.finfo(dtype).min)
+        return _combine_masks(padding[:, None, None, :], True, length, length, dtype, attention_mask.device)
+
+    def _pooling_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self._legacy_eos_pooling:
+            # Published checkpoints (eos_token_id == 2): the reference pools at argmax(input_ids), first maximum.
+            return input_ids.to(torch.int32).argmax(dim=-1)
+        # First end token; a text without one pools at position 0, as the reference's argmax does.
+        return (input_ids == self._eos_token_id).to(torch.int32).argmax(dim=-1)
+
+    def forward(self, input_ids: ArrayLike, attention_mask: Optional[ArrayLike] = None,
+                position_ids: Optional[ArrayLike] = None, output_attentions: bool = False,
+                output_hidden_states: bool = False) -> BaseModelOutputWithPooling:
+        input_ids, attention_mask, position_ids = self._inputs(input_ids, attention_mask, position_ids)
+        hidden_states = self.embeddings(input_ids, position_ids)
         mask, causal = None, True
         if attention_mask is not None and not bool((attention_mask == 1).all()):
-            # As the reference: every key whose mask is not 1 gets finfo.min, added to the causal mask; built once
-            # for all layers. Without padding the causal rule alone lets SDPA take its is_causal path.
-            padding = torch.zeros(attention_mask.shape, dtype=dtype, device=device)
-            padding = padding.masked_fill(attention_mask != 1, torch.finfo(dtype).min)
-            # (batch, length) -> (batch, 1, 1, length) + (length, length)
-            mask = _combine_masks(padding[:, None, None, :], True, length, length, dtype, device)
-            causal = False
+            # Without padding the causal rule alone lets SDPA take its is_causal path.
+            mask, causal = self._padding_mask(attention_mask), False
         last, hidden_states, weights = self.encoder(hidden_states, attention_mask=mask, causal=causal,
                                                     output_attentions=output_attentions,
                                                     output_hidden_states=output_hidden_states)
         last = self.final_layer_norm(last)
-        if self._legacy_eos_pooling:
-            # Published checkpoints (eos_token_id == 2): the reference pools at argmax(input_ids), first maximum.
-            positions = input_ids.to(torch.int32).argmax(dim=-1)
-        else:
-            # First end token; a text without one pools at position 0, as the reference's argmax does.
-            positions = (input_ids == self._eos_token_id).to(torch.int32).argmax(dim=-1)
-        pooled = last[torch.arange(last.shape[0], device=device), positions]
+        pooled = last[torch.arange(last.shape[0], device=last.device), self._pooling_positions(input_ids)]
         return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden_states,
                                           attentions=weights)
+
+    def pooled_output(self, input_ids: ArrayLike, attention_mask: Optional[ArrayLike] = None,
+                      position_ids: Optional[ArrayLike] = None) -> torch.Tensor:
+        """``forward(...).pooler_output`` (batch, hidden), doing only the work it depends on.
+
+        Attention is causal, so the hidden state at a text's pooling position never depends on later tokens: the
+        layers run up to the batch's last pooling position only (CLIP prompts are padded to 77 tokens, most of
+        them padding). The padding mask is dropped (SDPA's causal path) when no text has a masked token before
+        its pooling position, since causality already hides every later key. Both are exact: a text whose keys
+        up to its pooling position are ALL masked attends to every key (the reference's all-finfo.min row), so
+        then the whole sequence runs with the mask.
+        """
+        input_ids, attention_mask, position_ids = self._inputs(input_ids, attention_mask, position_ids)
+        hidden_states = self.embeddings(input_ids, position_ids)  # checks every id, not only the kept ones
+        positions = self._pooling_positions(input_ids)
+        mask, causal = None, True
+        if attention_mask is not None:
+            # (batch, length): True for the keys a text's pooling position can see
+            visible = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] <= positions[:, None]
+            masked = (attention_mask != 1) & visible
+            if bool(masked.any()):
+                if bool((masked == visible).all(dim=1).any()):
+                    length = input_ids.shape[1]  # a text sees only masked keys: keep the whole sequence
+                else:
+                    length = int(positions.max()) + 1
+                mask, causal = self._padding_mask(attention_mask[:, :length]), False
+        if causal:
+            length = int(positions.max()) + 1
+        last = self.encoder(hidden_states[:, :length], attention_mask=mask, causal=causal)[0]
+        pooled = last[torch.arange(last.shape[0], device=last.device), positions]
+        return self.final_layer_norm(pooled)  # per token: the same as normalising every position first
 
 
 class GroupViTVisionTransformer(nn.Module):
@@ -594,7 +736,7 @@ def _get_gumbel(model: nn.Module) -> bool:
     return all(module._gumbel for module in _assign_modules(model))
 
 
-def _state_dict_numpy(model: nn.Module, copy: bool = True) -> Dict[str, np.ndarray]:
+def _canonical_state(model: nn.Module, copy: bool = True) -> Dict[str, np.ndarray]:
     """The canonical state: {Hub PyTorch name: numpy array (float32; BatchNorm counters int64)} in table order.
 
     The arrays are copies unless ``copy=False`` (then CPU float32 weights are shared, as for writing a file).
@@ -649,7 +791,7 @@ def _from_pretrained(cls, path: Union[str, os.PathLike]) -> nn.Module:
 
 def _save_pretrained(model: nn.Module, path: Union[str, os.PathLike], format: str = "safetensors") -> str:
     """Write config.json and the weights ('safetensors', 'h5' or 'bin'); returns the weight file's path."""
-    return loading.save_pretrained(path, model.config, _state_dict_numpy(model, copy=False), format=format)
+    return loading.save_pretrained(path, model.config, _canonical_state(model, copy=False), format=format)
 
 
 class GroupViTTextModel(nn.Module):
@@ -668,7 +810,7 @@ class GroupViTTextModel(nn.Module):
     config = property(_get_config)
     from_pretrained = classmethod(_from_pretrained)
     save_pretrained = _save_pretrained
-    state_dict_numpy = _state_dict_numpy
+    canonical_state = _canonical_state
     load_canonical_state = _load_canonical_state
 
     def forward(self, input_ids: ArrayLike, attention_mask: Optional[ArrayLike] = None,
@@ -694,7 +836,7 @@ class GroupViTVisionModel(nn.Module):
     config = property(_get_config)
     from_pretrained = classmethod(_from_pretrained)
     save_pretrained = _save_pretrained
-    state_dict_numpy = _state_dict_numpy
+    canonical_state = _canonical_state
     load_canonical_state = _load_canonical_state
     set_gumbel = _set_gumbel
     gumbel = property(_get_gumbel, _set_gumbel)
@@ -733,7 +875,7 @@ class GroupViTModel(nn.Module):
     config = property(_get_config)
     from_pretrained = classmethod(_from_pretrained)
     save_pretrained = _save_pretrained
-    state_dict_numpy = _state_dict_numpy
+    canonical_state = _canonical_state
     load_canonical_state = _load_canonical_state
     set_gumbel = _set_gumbel
     gumbel = property(_get_gumbel, _set_gumbel)
@@ -741,8 +883,8 @@ class GroupViTModel(nn.Module):
     def get_text_features(self, input_ids: ArrayLike, attention_mask: Optional[ArrayLike] = None,
                           position_ids: Optional[ArrayLike] = None) -> torch.Tensor:
         """Text embeddings before L2 normalisation: text_projection(pooled text output)."""
-        outputs = self.text_model(input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        return self.text_projection(outputs.pooler_output)
+        pooled = self.text_model.pooled_output(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        return self.text_projection(pooled)
 
     def get_image_features(self, pixel_values: ArrayLike, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """Image embeddings before L2 normalisation: visual_projection(mean of the final group tokens)."""

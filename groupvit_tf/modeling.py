@@ -27,7 +27,7 @@ TensorFlow specifics worth knowing:
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import keras
 import numpy as np
@@ -154,14 +154,25 @@ class TFGroupViTAttention(keras.layers.Layer):
         tensor = tf.reshape(tensor, [batch, length, self._num_heads, self._head_dim])
         return tf.transpose(tensor, [0, 2, 1, 3])  # (batch, heads, length, head_dim)
 
+    def _project(self, states: tf.Tensor, layers: Tuple[keras.layers.Dense, ...]) -> List[tf.Tensor]:
+        # One GEMM over the kernels side by side (concatenated at run time: the checkpoint layout is untouched).
+        kernel = tf.concat([layer.kernel for layer in layers], axis=1)
+        bias = tf.concat([layer.bias for layer in layers], axis=0)
+        return tf.split(_linear(states, kernel, bias), len(layers), axis=-1)
+
     def call(self, hidden_states, encoder_hidden_states=None, attention_mask=None, causal: bool = False,
-             output_attentions: bool = False, training: bool = False):
+             output_attentions: bool = False, residual=None, training: bool = False):
         """Returns (output, probabilities or None). ``attention_mask``: boolean (True = attend) or additive,
-        broadcastable to (batch, heads, queries, keys)."""
-        source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        query = self._split_heads(self.q_proj(hidden_states) * self._scale)
-        key = self._split_heads(self.k_proj(source))
-        value = self._split_heads(self.v_proj(source))
+        broadcastable to (batch, heads, queries, keys). With ``residual`` the output is ``residual + attention``.
+        q/k/v (k/v for cross-attention) come from one GEMM."""
+        if encoder_hidden_states is None:
+            query, key, value = self._project(hidden_states, (self.q_proj, self.k_proj, self.v_proj))
+        else:
+            query = _linear(hidden_states, self.q_proj.kernel, self.q_proj.bias)
+            key, value = self._project(encoder_hidden_states, (self.k_proj, self.v_proj))
+        query = self._split_heads(query * self._scale)
+        key = self._split_heads(key)
+        value = self._split_heads(value)
         scores = tf.matmul(query, key, transpose_b=True)  # (batch, heads, queries, keys)
         if causal:
             queries, keys = tf.shape(scores)[2], tf.shape(scores)[3]
@@ -176,7 +187,7 @@ class TFGroupViTAttention(keras.layers.Layer):
         output = tf.matmul(dropped, value)  # (batch, heads, queries, head_dim)
         output = tf.transpose(output, [0, 2, 1, 3])
         output = tf.reshape(output, [tf.shape(output)[0], tf.shape(output)[1], self._hidden_size])
-        return self.out_proj(output), (probs if output_attentions else None)
+        return _linear(output, self.out_proj.kernel, self.out_proj.bias, residual), (probs if output_attentions else None)
 
 
 class TFGroupViTMLP(keras.layers.Layer):
@@ -192,8 +203,10 @@ class TFGroupViTMLP(keras.layers.Layer):
         self.fc2 = _dense(intermediate_size, out_features, "fc2")
         self.built = True
 
-    def call(self, hidden_states, training: bool = False):
-        return self.fc2(self._activation(self.fc1(hidden_states)))
+    def call(self, hidden_states, residual=None, training: bool = False):
+        """``fc2(act(fc1(hidden_states)))``, plus ``residual`` when given."""
+        inner = self._activation(_linear(hidden_states, self.fc1.kernel, self.fc1.bias))
+        return _linear(inner, self.fc2.kernel, self.fc2.bias, residual)
 
 
 class TFGroupViTMixerMLP(TFGroupViTMLP):
@@ -221,11 +234,10 @@ class TFGroupViTEncoderLayer(keras.layers.Layer):
         self.built = True
 
     def call(self, hidden_states, attention_mask=None, output_attentions: bool = False, training: bool = False):
-        residual = hidden_states
         hidden_states, probs = self.self_attn(self.layer_norm1(hidden_states), attention_mask=attention_mask,
-                                              output_attentions=output_attentions, training=training)
-        hidden_states = residual + hidden_states
-        hidden_states = hidden_states + self.mlp(self.layer_norm2(hidden_states), training=training)
+                                              output_attentions=output_attentions, residual=hidden_states,
+                                              training=training)
+        hidden_states = self.mlp(self.layer_norm2(hidden_states), residual=hidden_states, training=training)
         return hidden_states, probs
 
 
@@ -244,8 +256,8 @@ class TFGroupViTCrossAttentionLayer(keras.layers.Layer):
         self.built = True
 
     def call(self, query, key, training: bool = False):
-        hidden_states = query + self.attn(query, encoder_hidden_states=key, training=training)[0]
-        hidden_states = hidden_states + self.mlp(self.norm2(hidden_states), training=training)
+        hidden_states = self.attn(query, encoder_hidden_states=key, residual=query, training=training)[0]
+        hidden_states = self.mlp(self.norm2(hidden_states), residual=hidden_states, training=training)
         return self.norm_post(hidden_states)
 
 
@@ -274,10 +286,11 @@ class TFGroupViTAssignAttention(keras.layers.Layer):
     def call(self, query, key, training: bool = False):
         """query (batch, groups, C), key (batch, tokens, C) -> (new group tokens, soft assignment (batch, groups,
         tokens))."""
-        value = key
-        query = self.q_proj(query)
-        key = self.k_proj(key)
-        value = self.v_proj(value)
+        query = _linear(query, self.q_proj.kernel, self.q_proj.bias)
+        # k and v by one GEMM over the two kernels side by side: (batch, tokens, C) each
+        kernel = tf.concat([self.k_proj.kernel, self.v_proj.kernel], axis=1)
+        bias = tf.concat([self.k_proj.bias, self.v_proj.bias], axis=0)
+        key, value = tf.split(_linear(key, kernel, bias), 2, axis=-1)
         raw = tf.matmul(query, key, transpose_b=True) * self._scale  # (batch, groups, tokens)
         if training and self._gumbel:
             assignment = gumbel_softmax(raw, axis=-2, hard=True)
@@ -285,7 +298,7 @@ class TFGroupViTAssignAttention(keras.layers.Layer):
             assignment = hard_softmax(raw, axis=-2)
         soft = tf.nn.softmax(raw, axis=-2)
         assignment = assignment / (tf.reduce_sum(assignment, axis=-1, keepdims=True) + self._assign_eps)
-        output = self.proj(tf.matmul(assignment, value))  # (batch, groups, C)
+        output = _linear(tf.matmul(assignment, value), self.proj.kernel, self.proj.bias)  # (batch, groups, C)
         return output, soft
 
 
@@ -318,7 +331,7 @@ class TFGroupViTTokenAssign(keras.layers.Layer):
         projected = self.pre_assign_attn(projected, image_tokens, training=training)
         new_tokens, soft = self.assign(projected, image_tokens, training=training)
         new_tokens = new_tokens + projected
-        new_tokens = new_tokens + self.mlp_channels(self.norm_new_x(new_tokens), training=training)
+        new_tokens = self.mlp_channels(self.norm_new_x(new_tokens), residual=new_tokens, training=training)
         return new_tokens, soft
 
 
@@ -650,6 +663,32 @@ class TFGroupViTTextTransformer(keras.layers.Layer):
         return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=all_hidden,
                                           attentions=all_attentions)
 
+    def pooled_output(self, input_ids, attention_mask=None, position_ids=None, training: bool = False):
+        """``call(...).pooler_output`` (batch, hidden), doing only the work it depends on.
+
+        Attention is causal, so the hidden state at a text's pooling position never depends on later tokens: the
+        layers run up to the batch's last pooling position only (CLIP prompts are padded to 77 tokens, most of
+        them padding). Exact: a text whose keys up to its pooling position are ALL masked attends to every key
+        (the reference's all-float-min row), so then the whole sequence runs.
+        """
+        checks = self._check_shapes(input_ids, attention_mask, position_ids)
+        with tf.control_dependencies(checks):
+            input_ids = tf.identity(input_ids)
+        hidden_states = self.embeddings(input_ids, position_ids=position_ids)  # checks every id
+        positions = self._pooling_positions(input_ids)
+        full = tf.shape(input_ids)[1]
+        length = tf.reduce_max(positions) + 1
+        if attention_mask is not None:
+            visible = tf.range(full)[None, :] <= positions[:, None]  # (batch, length): keys the pooled token sees
+            masked = tf.logical_and(tf.not_equal(tf.cast(attention_mask, tf.float32), 1.0), visible)
+            blind = tf.reduce_any(tf.reduce_all(tf.equal(masked, visible), axis=1))
+            length = tf.where(blind, full, length)
+            attention_mask = attention_mask[:, :length]
+        mask = self._additive_mask(input_ids[:, :length], attention_mask)
+        last = self.encoder(hidden_states[:, :length], attention_mask=mask, training=training)[0]
+        pooled = tf.gather(last, positions, batch_dims=1)
+        return self.final_layer_norm(pooled)  # per token: the same as normalising every position first
+
 
 class TFGroupViTVisionTransformer(keras.layers.Layer):
     """Embeddings, grouping stages, final LayerNorm; pooled output = mean over the final tokens."""
@@ -865,9 +904,13 @@ class TFGroupViTTextModel(keras.Model):
 
     def call(self, input_ids, attention_mask=None, position_ids=None, output_attentions: bool = False,
              output_hidden_states: bool = False, training: bool = False) -> BaseModelOutputWithPooling:
-        return self.text_model(*_text_inputs(input_ids, attention_mask, position_ids),
-                               output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                               training=training)
+        tensors = _text_inputs(input_ids, attention_mask, position_ids)
+        flags = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        if tf.executing_eagerly():
+            self.text_model.check_inputs(*tensors)
+        if _runs_as_graph(self, training):
+            return _graph_call(self, "call", self.text_model, tensors, flags)
+        return self.text_model(*tensors, training=training, **flags)
 
     def _serving_endpoint(self, image_size: Optional[Tuple[int, int]] = None):
         if image_size is not None:
@@ -913,9 +956,14 @@ class TFGroupViTVisionModel(keras.Model):
 
     def call(self, pixel_values, output_attentions: bool = False, output_hidden_states: bool = False,
              interpolate_pos_encoding: bool = False, training: bool = False) -> BaseModelOutputWithPooling:
-        return self.vision_model(_as_pixel_values(pixel_values), output_attentions=output_attentions,
-                                 output_hidden_states=output_hidden_states,
-                                 interpolate_pos_encoding=interpolate_pos_encoding, training=training)
+        pixel_values = _as_pixel_values(pixel_values)
+        flags = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                     interpolate_pos_encoding=interpolate_pos_encoding)
+        if tf.executing_eagerly():
+            self.vision_model.embeddings.check_pixels(pixel_values, interpolate_pos_encoding)
+        if _runs_as_graph(self, training):
+            return _graph_call(self, "call", self.vision_model, (pixel_values,), flags)
+        return self.vision_model(pixel_values, training=training, **flags)
 
     def _serving_endpoint(self, image_size: Optional[Tuple[int, int]] = None):
         config = self._config
@@ -976,13 +1024,32 @@ class TFGroupViTModel(keras.Model):
     def get_text_features(self, input_ids, attention_mask=None, position_ids=None,
                           training: bool = False) -> tf.Tensor:
         """Text embeddings before L2 normalisation: text_projection(pooled text output)."""
-        outputs = self.text_model(*_text_inputs(input_ids, attention_mask, position_ids), training=training)
-        return _run_sequence(self.text_projection, outputs.pooler_output, training)
+        tensors = _text_inputs(input_ids, attention_mask, position_ids)
+        if tf.executing_eagerly():
+            self.text_model.check_inputs(*tensors)
+        if _runs_as_graph(self, training):
+            return _graph_call(self, "get_text_features", self._text_features, tensors, {})
+        return self._text_features(*tensors, training=training)
+
+    def _text_features(self, input_ids, attention_mask, position_ids, training: bool = False) -> tf.Tensor:
+        pooled = self.text_model.pooled_output(input_ids, attention_mask, position_ids, training=training)
+        return _run_sequence(self.text_projection, pooled, training)
 
     def get_image_features(self, pixel_values, interpolate_pos_encoding: bool = False,
                            training: bool = False) -> tf.Tensor:
         """Image embeddings before L2 normalisation: visual_projection(mean of the final group tokens)."""
-        outputs = self.vision_model(_as_pixel_values(pixel_values), interpolate_pos_encoding=interpolate_pos_encoding,
+        pixel_values = _as_pixel_values(pixel_values)
+        if tf.executing_eagerly():
+            self.vision_model.embeddings.check_pixels(pixel_values, interpolate_pos_encoding)
+        if _runs_as_graph(self, training):
+            return _graph_call(self, "get_image_features", self._image_features, (pixel_values,),
+                               {"interpolate_pos_encoding": interpolate_pos_encoding})
+        return self._image_features(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                    training=training)
+
+    def _image_features(self, pixel_values, interpolate_pos_encoding: bool = False,
+                        training: bool = False) -> tf.Tensor:
+        outputs = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
                                     training=training)
         return _run_sequence(self.visual_projection, outputs.pooler_output, training)
 
@@ -1002,6 +1069,18 @@ class TFGroupViTModel(keras.Model):
             if not self._config.vision_config.stages[0].has_downsample:
                 raise ValueError("output_segmentation needs a vision tower with at least one grouping stage")
             output_attentions = True  # as the reference: the segmentation reads the vision attentions
+        flags = dict(return_loss=return_loss, output_attentions=output_attentions,
+                     output_hidden_states=output_hidden_states, output_segmentation=output_segmentation,
+                     interpolate_pos_encoding=interpolate_pos_encoding)
+        if _runs_as_graph(self, training):
+            return _graph_call(self, "call", self._forward, (input_ids, pixel_values, attention_mask, position_ids),
+                               flags)
+        return self._forward(input_ids, pixel_values, attention_mask, position_ids, training=training, **flags)
+
+    def _forward(self, input_ids, pixel_values, attention_mask, position_ids, return_loss: bool = False,
+                 output_attentions: bool = False, output_hidden_states: bool = False,
+                 output_segmentation: bool = False, interpolate_pos_encoding: bool = False,
+                 training: bool = False) -> GroupViTModelOutput:
         vision_outputs = self.vision_model(pixel_values, output_attentions=output_attentions,
                                            output_hidden_states=output_hidden_states,
                                            interpolate_pos_encoding=interpolate_pos_encoding, training=training)
@@ -1148,6 +1227,19 @@ def _dense(in_features: int, out_features: int, name: str) -> keras.layers.Dense
     return layer
 
 
+def _linear(states: tf.Tensor, kernel, bias, residual: Optional[tf.Tensor] = None) -> tf.Tensor:
+    """``residual + states @ kernel + bias`` over the last axis, as one 2-D MatMul + BiasAdd (the pattern
+    TensorFlow's graph optimizer fuses, with a following activation, into one oneDNN kernel)."""
+    units = kernel.shape[-1]
+    flat = tf.reshape(states, [-1, states.shape[-1]])  # (tokens, in_features)
+    out = tf.nn.bias_add(tf.matmul(flat, kernel), bias)
+    # (tokens, units) -> (..., units), keeping the static sizes that are known
+    dynamic = tf.shape(states)
+    shape = [size if size is not None else dynamic[i] for i, size in enumerate(states.shape[:-1])] + [units]
+    out = tf.reshape(out, shape)
+    return out if residual is None else residual + out
+
+
 def _layer_norm(size: int, eps: float, name: str) -> keras.layers.LayerNormalization:
     layer = keras.layers.LayerNormalization(axis=-1, epsilon=eps, name=name)
     layer.build((None, size))
@@ -1163,6 +1255,41 @@ def _run_sequence(layers, x: tf.Tensor, training: bool) -> tf.Tensor:
     for layer in layers:
         x = layer(x, training=training)
     return x
+
+
+def _runs_as_graph(model: keras.Model, training: Any) -> bool:
+    """Eager inference calls run as cached ``tf.function``s, unless ``model.run_eagerly`` (Keras' switch)."""
+    return tf.executing_eagerly() and not training and not model.run_eagerly
+
+
+def _graph_call(model: keras.Model, name: str, method, tensors: Sequence[Optional[tf.Tensor]],
+                flags: Dict[str, Any]):
+    """``method(*tensors, **flags)`` through a ``tf.function`` cached on the model.
+
+    One function per method, flags, pattern of absent (None) tensors and input dtypes/static sizes; its input
+    signature leaves the batch and the text length dynamic (image height and width are static), so new batch
+    sizes and text lengths do not retrace. Traced on first use (seconds at the default size); compiled with XLA
+    when ``model.jit_compile`` (Keras' setting: its "auto" means XLA on GPU only).
+    """
+    absent = tuple(tensor is None for tensor in tensors)
+    given = [tensor for tensor in tensors if tensor is not None]
+    specs = [tf.TensorSpec([None] * tensor.shape.rank if tensor.shape.rank != 4 else [None] + tensor.shape[1:],
+                           tensor.dtype) for tensor in given]
+    jit_compile = bool(model.jit_compile)
+    key = (name, tuple(sorted(flags.items())), absent, tuple((spec.dtype.name, tuple(spec.shape)) for spec in specs),
+           jit_compile)
+    functions = model.__dict__.get("_graph_functions")
+    if functions is None:  # a plain attribute, outside Keras' tracking and serialisation
+        functions = {}
+        object.__setattr__(model, "_graph_functions", functions)
+    function = functions.get(key)
+    if function is None:
+        def run(*arguments):
+            remaining = iter(arguments)
+            return method(*(None if missing else next(remaining) for missing in absent), **flags)
+
+        function = functions[key] = tf.function(run, input_signature=specs, jit_compile=jit_compile)
+    return function(*given)
 
 
 def _check_config(config: object, expected: type) -> None:
@@ -1242,9 +1369,28 @@ def _text_inputs(input_ids: Any, attention_mask: Any, position_ids: Any
     ids = _to_tensor(input_ids, "input_ids", "i", "integer token ids")
     mask = _to_tensor(attention_mask, "attention_mask", "bif", "0/1 values")
     positions = _to_tensor(position_ids, "position_ids", "i", "integer positions")
+    ids = _as_index_dtype(ids, "input_ids")
+    positions = _as_index_dtype(positions, "position_ids")
     if positions is not None and positions.shape.rank == 1:
         positions = positions[None, :]
     return ids, mask, positions
+
+
+_GATHER_INDEX_DTYPES = (tf.int16, tf.int32, tf.int64)
+
+
+def _as_index_dtype(values: Optional[tf.Tensor], name: str) -> Optional[tf.Tensor]:
+    """Integer ids of a dtype tf.gather rejects (int8, uint8..uint64) as int64, as groupvit_pt accepts them.
+
+    uint64 values above the int64 maximum would wrap to negative numbers; eagerly they are a ValueError here,
+    in a graph the range assertions reject the wrapped (negative) values."""
+    if values is None or values.dtype in _GATHER_INDEX_DTYPES:
+        return values
+    if values.dtype == tf.uint64 and tf.executing_eagerly():
+        array = values.numpy()
+        if array.size and int(array.max()) > np.iinfo(np.int64).max:
+            raise ValueError(f"{name} holds {int(array.max())}, which is not a valid index (above the int64 maximum)")
+    return tf.cast(values, tf.int64)
 
 
 def _as_pixel_values(pixel_values: Any) -> tf.Tensor:

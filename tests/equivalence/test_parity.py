@@ -137,7 +137,7 @@ def test_features_agree(checkpoints):
 def test_weight_round_trip_pt_canonical_tf_canonical_is_bit_identical(checkpoints):
     _, pt_model, _ = checkpoints("tiny_odd")
     config = gt.test_config("tiny_odd")
-    canonical = pt_model.state_dict_numpy()
+    canonical = pt_model.canonical_state()
     tf_model = TFGroupViTModel(config)
     tf_model.load_canonical_state(canonical)
     back = tf_model.canonical_state()
@@ -147,7 +147,7 @@ def test_weight_round_trip_pt_canonical_tf_canonical_is_bit_identical(checkpoint
         assert np.array_equal(back[name], array), f"{name} changed on the PT -> TF -> canonical round trip"
     fresh = GroupViTModel(config)
     fresh.load_canonical_state(back)
-    for name, array in fresh.state_dict_numpy().items():
+    for name, array in fresh.canonical_state().items():
         assert np.array_equal(array, canonical[name]), name
 
 

@@ -205,7 +205,7 @@ def test_save_load_round_trip_is_bit_identical(tiny, tmp_path, fmt):
     loaded = GroupViTModel.from_pretrained(tmp_path)
     assert not loaded.training
     assert loaded.config == tiny.config
-    state = loaded.state_dict_numpy()
+    state = loaded.canonical_state()
     assert list(state) == list(weights)
     for name, array in weights.items():
         assert state[name].dtype == array.dtype and state[name].shape == array.shape, name
@@ -217,8 +217,8 @@ def test_save_load_round_trip_is_bit_identical(tiny, tmp_path, fmt):
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
 
 
-def test_state_dict_numpy_is_a_copy(tiny):
-    state = tiny.state_dict_numpy()
+def test_canonical_state_is_a_copy(tiny):
+    state = tiny.canonical_state()
     state["logit_scale"][...] = 123.0
     assert float(tiny.logit_scale.detach()) != 123.0
 
@@ -228,9 +228,9 @@ def test_submodels_load_from_a_full_checkpoint(tiny, tmp_path):
     text = GroupViTTextModel.from_pretrained(tmp_path)
     vision = GroupViTVisionModel.from_pretrained(tmp_path)
     assert text.config == tiny.config.text_config and vision.config == tiny.config.vision_config
-    full_state = tiny.state_dict_numpy()
+    full_state = tiny.canonical_state()
     for sub, prefix in ((text, "text_model."), (vision, "vision_model.")):
-        state = sub.state_dict_numpy()
+        state = sub.canonical_state()
         assert set(state) == {k for k in full_state if k.startswith(prefix)}
         assert all(np.array_equal(state[k], full_state[k]) for k in state)
     inputs = _inputs(tiny.config)
@@ -243,8 +243,8 @@ def test_submodels_load_from_a_full_checkpoint(tiny, tmp_path):
     # A sub-model writes a checkpoint of its own kind, which loads back.
     vision.save_pretrained(tmp_path / "vision", format="h5")
     again = GroupViTVisionModel.from_pretrained(tmp_path / "vision")
-    assert all(np.array_equal(a, b) for a, b in zip(again.state_dict_numpy().values(),
-                                                     vision.state_dict_numpy().values()))
+    assert all(np.array_equal(a, b) for a, b in zip(again.canonical_state().values(),
+                                                     vision.canonical_state().values()))
     with pytest.raises(ValueError, match="GroupViTVisionConfig"):
         GroupViTModel.from_pretrained(tmp_path / "vision")
 
@@ -287,7 +287,7 @@ def test_load_canonical_state_is_strict_and_defaults_the_counter(tiny):
     without_counters = {k: v for k, v in weights.items() if not k.endswith("num_batches_tracked")}
     model.load_canonical_state(without_counters)
     assert int(model.visual_projection[1].num_batches_tracked) == 0
-    assert np.array_equal(model.state_dict_numpy()["logit_scale"], weights["logit_scale"])
+    assert np.array_equal(model.canonical_state()["logit_scale"], weights["logit_scale"])
 
 
 def test_wrong_config_type():
@@ -617,11 +617,11 @@ def test_batchnorm_running_statistics_follow_torch_batchnorm1d():
 
     for name in ("visual_projection", "text_projection"):
         getattr(model, name)[1].register_forward_hook(capture(name))
-    before = {k: v.copy() for k, v in model.state_dict_numpy().items() if ".1." in k and "projection" in k}
+    before = {k: v.copy() for k, v in model.canonical_state().items() if ".1." in k and "projection" in k}
     inputs = _inputs(model.config, images=4, texts=4, seed=2)
     with torch.no_grad():
         model(inputs["input_ids"], inputs["pixel_values"], attention_mask=inputs["attention_mask"])
-    after = model.state_dict_numpy()
+    after = model.canonical_state()
     for name in ("visual_projection", "text_projection"):
         features = captured[name].double()
         reference = torch.nn.BatchNorm1d(features.shape[1], eps=1e-5, momentum=0.1).double().train()
@@ -643,7 +643,7 @@ def test_batchnorm_running_statistics_follow_torch_batchnorm1d():
     model.eval()
     with torch.no_grad():
         model(inputs["input_ids"], inputs["pixel_values"], attention_mask=inputs["attention_mask"])
-    final = model.state_dict_numpy()
+    final = model.canonical_state()
     assert all(np.array_equal(final[k], after[k]) for k in before)
 
 
