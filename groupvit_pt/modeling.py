@@ -9,6 +9,13 @@ are resized with groupvit_core.resize's matrices, the same arithmetic as the Ten
 Differences from the reference, all deliberate: position interpolation is reachable from ``forward``
 (``interpolate_pos_encoding=True``), the loss is a scalar, bad inputs raise ValueError naming the problem, and
 Gumbel noise can be switched off in training (``model.set_gumbel(False)``) for deterministic comparisons.
+
+Speed (BENCHMARKS.md; the outputs stay the reference's within float32 rounding): attention runs through
+scaled_dot_product_attention (its causal kernel when there is no padding); q/k/v come from one GEMM over weights
+stacked at run time, and quick_gelu's MLP is rescaled so that its activation is a single silu (both derived
+weights are cached while the parameters are unchanged, ``_derived_weights``); in inference the activation and
+the residual addition run in place on the GEMM's output (``_linear``); ``get_text_features`` runs the
+text layers only up to the last end-of-text token (``pooled_output``); from_pretrained builds on the meta device.
 """
 
 from __future__ import annotations
@@ -147,37 +154,29 @@ def _stacked_linear(cache: Dict[str, tuple], layers: Sequence[nn.Linear]) -> Tup
         lambda *t: (torch.cat(t[0::2]), torch.cat(t[1::2])))
 
 
-# oneDNN's linear with fused epilogues (bias, activation, residual add): what torch.compile's CPU backend calls.
-# One kernel instead of a GEMM plus one or two elementwise passes over its output. It is used for CPU float32
-# inference (it has no autograd): always with an activation, and for plain linears when torch runs more than one
-# thread. There MKL's GEMM (torch.nn.Linear) synchronises its threads more often, which costs dearly when a core
-# is shared; on one thread MKL is a few percent faster (BENCHMARKS.md). Set _ONEDNN to False to compare.
-_ONEDNN = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
-_ONEDNN_ACTIVATIONS = {"gelu": ("gelu", "none"), "silu": ("swish", "")}
-_TORCH_ACTIVATIONS = {"gelu": functools.partial(F.gelu, approximate="none"), "silu": F.silu}
+_ACTIVATIONS = {"gelu": (functools.partial(F.gelu, approximate="none"), torch.ops.aten.gelu_),
+                "silu": (F.silu, torch.ops.aten.silu_)}
 
 
 def _linear(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: Optional[str] = None,
             residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``residual + act(states @ weight^T + bias)``; act: None, "gelu" (exact erf) or "silu"; not both."""
+    """``residual + act(states @ weight^T + bias)``; act: None, "gelu" (exact erf) or "silu"; not both.
+
+    One GEMM (F.linear), then the activation or the residual addition in place on its fresh output when autograd
+    does not need it. (oneDNN's GEMM epilogues, torch.ops.mkldnn._linear_pointwise, were measured slower on an
+    AVX2 CPU: its erf/sigmoid post-ops cost ~20% of the GEMM, the in-place pass ~8%; BENCHMARKS.md.)
+    """
     if activation is not None and residual is not None:
         raise ValueError("_linear fuses an activation or a residual, not both")
-    if (_ONEDNN and (activation is not None or torch.get_num_threads() > 1) and states.device.type == "cpu"
-            and states.dtype == torch.float32 and weight.dtype == torch.float32 and not (torch.is_grad_enabled() and (
-                states.requires_grad or weight.requires_grad or bias.requires_grad
-                or (residual is not None and residual.requires_grad)))):
-        flat = states.reshape(-1, states.shape[-1]).contiguous()  # (tokens, in_features)
-        if residual is not None:
-            out = torch.ops.mkldnn._linear_pointwise.binary(
-                flat, residual.reshape(flat.shape[0], -1).contiguous(), weight, bias, "add")
-        else:
-            attr, algorithm = _ONEDNN_ACTIVATIONS.get(activation, ("none", ""))
-            out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, attr, [], algorithm)
-        return out.view(*states.shape[:-1], out.shape[-1])
     out = F.linear(states, weight, bias)
+    in_place = not (torch.is_grad_enabled() and (out.requires_grad or (residual is not None
+                                                                        and residual.requires_grad)))
     if activation is not None:
-        out = _TORCH_ACTIVATIONS[activation](out)
-    return out if residual is None else residual + out
+        function, function_ = _ACTIVATIONS[activation]
+        return function_(out) if in_place else function(out)
+    if residual is None:
+        return out
+    return out.add_(residual) if in_place else residual + out
 
 
 def _combine_masks(attention_mask: Optional[torch.Tensor], causal: bool, query_length: int, key_length: int,
@@ -1033,6 +1032,11 @@ def _to_tensor(value: object, name: str, kinds: str, what: str, dtype: torch.dty
     Numpy inputs are shared, not copied, where their dtype already fits.
     """
     if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided:
+            raise ValueError(f"{name} must be a dense (strided) tensor, got layout {value.layout}; "
+                             f"call .to_dense() first")
+        if value.device.type == "meta":
+            raise ValueError(f"{name} is a meta tensor (a shape without data); pass a tensor with values")
         kind = ("b" if value.dtype == torch.bool else "c" if value.is_complex()
                 else "f" if value.is_floating_point() else "i")
         if kind not in kinds:

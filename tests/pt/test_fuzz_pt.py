@@ -264,15 +264,10 @@ def test_odd_but_valid_inputs_give_outputs(model):
         assert not isinstance(output, Exception), (change, output)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG F20 (minor): a meta-device or sparse tensor reaches torch ops and fails there with NotImplementedError "
-    "('Cannot copy out of meta tensor') / RuntimeError ('Input type (torch.sparse.FloatTensor) and weight type "
-    "...'). Repro: model(input_ids, torch.zeros(2, 3, 8, 8).to_sparse()). Fix: groupvit_pt.modeling._to_tensor: "
-    "for a torch.Tensor require value.layout == torch.strided and value.device.type != 'meta', else ValueError "
-    "naming the input."))
 @pytest.mark.parametrize("make", [lambda pixels: torch.from_numpy(pixels).to_sparse(),
                                   lambda pixels: torch.empty(pixels.shape, device="meta")], ids=["sparse", "meta"])
 def test_exotic_tensor_layouts_are_named(model, make):
+    """Sparse and meta tensors are refused by name before they reach torch ops (was bug F20)."""
     inputs = _good_inputs(model.config)
     inputs["pixel_values"] = make(inputs["pixel_values"])
     error = outcome(lambda: model(**inputs), "pixel_values")
