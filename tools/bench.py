@@ -29,7 +29,7 @@ Workloads (inputs are the same arrays for both implementations):
   4b  the same as the reference's side of 4 with our model (forward, output_segmentation, 1 image x 20 texts);
   5   from_pretrained of the checkpoint to the first output (1 image x 1 text forward), each run in a fresh
       child process (imports not timed), alternating ours and the reference; the same children report the
-      peak resident memory (ru_maxrss) of loading plus one pass of workloads 1-4.
+      peak resident memory (VmHWM) of loading plus one pass of workloads 1-4.
 
 Threads: torch.set_num_threads(--threads) and TensorFlow's intra-/inter-op pools of the same size. The machine
 may be shared: the load average is recorded before and after, and only interleaved ratios are meaningful.
@@ -410,6 +410,7 @@ class Row:
     flops: int
     ours_s: float = float("nan")
     ref_s: float = float("nan")
+    ours_pt_s: float = float("nan")  # TF rows: our PyTorch model on the same work, timed in the same rounds
     ours_cpu_s: float = float("nan")
     ref_cpu_s: float = float("nan")
     matmul_gflops: float = float("nan")
@@ -419,11 +420,15 @@ class Row:
     samples: Dict[str, List[float]] = field(default_factory=dict)
 
 
-def time_interleaved(ours: Callable[[], Any], ref: Callable[[], Any], probe: Callable[[], float], warmup: int,
+def time_interleaved(runs: Dict[str, Callable[[], Any]], probe: Callable[[], float], warmup: int,
                      repeats: int) -> Dict[str, List[float]]:
-    samples: Dict[str, List[float]] = {"ours": [], "ref": [], "ours_cpu": [], "ref_cpu": [], "matmul": []}
+    """Wall and process-CPU seconds of each run, interleaved (the order reverses every round), plus the matmul
+    probe's GFLOP/s after each round."""
+    samples: Dict[str, List[float]] = {"matmul": []}
+    for name in runs:
+        samples[name], samples[name + "_cpu"] = [], []
     for round_index in range(warmup + repeats):
-        order = (("ours", ours), ("ref", ref)) if round_index % 2 == 0 else (("ref", ref), ("ours", ours))
+        order = list(runs.items()) if round_index % 2 == 0 else list(reversed(list(runs.items())))
         for name, fn in order:
             cpu, wall = time.process_time(), time.perf_counter()
             fn()
@@ -449,7 +454,7 @@ def compare(kind: str, ours: np.ndarray, ref: np.ndarray) -> Tuple[float, bool]:
 
 
 def bench_framework(framework: str, names: Sequence[str], ckpt: str, config, inputs: Dict[str, Any],
-                    args, probe) -> List[Row]:
+                    args, probe, ours_pt: Optional[Dict[str, Workload]] = None) -> List[Row]:
     flops = workload_flops(config, inputs)
     setup, build = (_torch_setup, pt_workloads) if framework == "pt" else (_tf_setup, tf_workloads)
     setup(args.threads)
@@ -467,14 +472,20 @@ def bench_framework(framework: str, names: Sequence[str], ckpt: str, config, inp
         ref_out = theirs.output(ref_result) if mine.compare == "close" else np.asarray(
             ref_result.image_embeds)
         row.max_diff, row.agree = compare(name, ours_out, ref_out)
-        samples = time_interleaved(mine.run, theirs.run, probe, args.warmup, args.repeats)
+        runs = {"ours": mine.run, "ref": theirs.run}
+        if ours_pt is not None and name in ours_pt:
+            runs["ours_pt"] = ours_pt[name].run
+        samples = time_interleaved(runs, probe, args.warmup, args.repeats)
         row.samples = samples
+        if "ours_pt" in samples:
+            row.ours_pt_s = statistics.median(samples["ours_pt"])
         row.ours_s, row.ref_s = statistics.median(samples["ours"]), statistics.median(samples["ref"])
         row.ours_cpu_s, row.ref_cpu_s = statistics.median(samples["ours_cpu"]), statistics.median(samples["ref_cpu"])
         row.matmul_gflops = statistics.median(samples["matmul"])
         print(f"[{framework}] workload {name}: ours {row.ours_s * 1e3:.0f} ms, reference {row.ref_s * 1e3:.0f} ms, "
               f"ratio {row.ours_s / row.ref_s:.3f}, max |diff| {row.max_diff:.2e}"
-              f"{'' if row.agree else '  OUTPUTS DISAGREE'}", flush=True)
+              f"{'' if row.agree else '  OUTPUTS DISAGREE'}"
+              + (f", our PyTorch {row.ours_pt_s * 1e3:.0f} ms" if not np.isnan(row.ours_pt_s) else ""), flush=True)
         rows.append(row)
     del ours, ref, ours_model, ref_model
     return rows
@@ -483,6 +494,17 @@ def bench_framework(framework: str, names: Sequence[str], ckpt: str, config, inp
 # ----------------------------------------------------------------------------------------------------------------
 # Workload 5 and peak memory: child processes
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: VmHWM (Linux), else ru_maxrss. (ru_maxrss alone is wrong for
+    a child started from a big parent: Linux carries the parent's value over fork and exec.)"""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child_main(impl: str, ckpt: str, threads: int, memory: bool) -> int:
@@ -510,18 +532,18 @@ def child_main(impl: str, ckpt: str, threads: int, memory: bool) -> int:
             from transformers import TFGroupViTModel  # noqa: F401
         else:
             import groupvit_tf  # noqa: F401
-    rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_imports = _peak_rss_mb()
     start = time.perf_counter()
     model = load_model(impl, ckpt)
     first_output(impl, model, inputs)
     load_s = time.perf_counter() - start
     result = {"impl": impl, "load_s": load_s, "rss_imports_mb": rss_imports,
-              "rss_load_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+              "rss_load_mb": _peak_rss_mb()}
     if memory:
         build = pt_workloads if framework == "pt" else tf_workloads
         for name, workload in build(model, inputs, ours=impl.endswith("ours")).items():
             workload.run()
-        result["rss_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["rss_peak_mb"] = _peak_rss_mb()
     print("BENCH_CHILD " + json.dumps(result), flush=True)
     return 0
 
@@ -601,8 +623,8 @@ WORKLOAD_TITLES = {
 
 def format_table(rows: Sequence[Row]) -> str:
     lines = ["| framework | workload | GFLOP | reference | ours | ours / ref | ref % matmul | ours % matmul "
-             "| max abs diff |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| max abs diff | TF ours / PT ours |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for row in rows:
         unit, scale = ("s", 1.0) if row.workload == "5" else ("ms", 1e3)
         ratio = row.ours_s / row.ref_s
@@ -616,7 +638,8 @@ def format_table(rows: Sequence[Row]) -> str:
         lines.append(
             f"| {'PyTorch' if row.framework == 'pt' else 'TensorFlow'} | {row.workload}: "
             f"{WORKLOAD_TITLES[row.workload]} | {row.flops / 1e9:.1f} | {fmt.format(row.ref_s * scale)} {unit} "
-            f"| {fmt.format(row.ours_s * scale)} {unit} | **{ratio:.2f}** | {ref_pct} | {ours_pct} | {diff} |")
+            f"| {fmt.format(row.ours_s * scale)} {unit} | **{ratio:.2f}** | {ref_pct} | {ours_pct} | {diff} "
+            f"| {'-' if np.isnan(row.ours_pt_s) else f'{row.ours_s / row.ours_pt_s:.2f}'} |")
     return "\n".join(lines)
 
 
@@ -650,7 +673,7 @@ def report(rows: Sequence[Row], memory: Dict[str, Any], args, loads: Tuple[str, 
         format_table(rows),
     ]
     if memory:
-        text += ["", "Peak resident memory (ru_maxrss of one child process per implementation):", "",
+        text += ["", "Peak resident memory (VmHWM of one child process per implementation):", "",
                  format_memory(memory)]
     return "\n".join(text) + "\n"
 
@@ -694,8 +717,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         _torch_setup(args.threads)
         probe = matmul_probe()
         names = [w for w in WORKLOADS if w in args.workloads]
+        ours_pt = None
+        if "pt" in args.frameworks and "tf" in args.frameworks:
+            # TF rows also time our PyTorch model in the same rounds: "within 1.25x of our PyTorch time".
+            ours_pt = pt_workloads(load_model("pt-ours", ckpt), inputs, ours=True)
         for framework in args.frameworks:
-            rows += bench_framework(framework, names, ckpt, config, inputs, args, probe)
+            rows += bench_framework(framework, names, ckpt, config, inputs, args, probe,
+                                    ours_pt if framework == "tf" else None)
             _save_json(args, rows, memory, started)
         if "5" in names:
             load_rows, memory = bench_loading(args.frameworks, ckpt, config, inputs, args)
