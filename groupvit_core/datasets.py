@@ -119,12 +119,13 @@ class Sample:
 def read_image(path: str) -> np.ndarray:
     """An image file -> (H, W, 3) uint8 RGB in its stored pixel layout.
 
-    No EXIF rotation is applied: the masks of these datasets are drawn on the stored pixels.
+    No EXIF rotation is applied: the masks of these datasets are drawn on the stored pixels. Only the formats of
+    ``image.ALLOWED_IMAGE_FORMATS`` are opened.
     """
-    from PIL import Image
+    from .image import open_image_file
 
     try:
-        with Image.open(path) as image:
+        with open_image_file(path) as image:
             return np.asarray(image.convert("RGB"), dtype=np.uint8)
     except FileNotFoundError:
         raise OSError(f"cannot open image {path}: no such file") from None
@@ -133,11 +134,13 @@ def read_image(path: str) -> np.ndarray:
 
 
 def read_mask(path: str) -> np.ndarray:
-    """A label PNG -> (H, W) uint8 of its stored values (palette indices for palette PNGs)."""
-    from PIL import Image
+    """A label PNG -> (H, W) uint8 of its stored values (palette indices for palette PNGs).
+
+    Only the formats of ``image.ALLOWED_IMAGE_FORMATS`` are opened."""
+    from .image import open_image_file
 
     try:
-        with Image.open(path) as image:
+        with open_image_file(path) as image:
             if image.mode not in ("P", "L", "I", "I;16", "1"):
                 raise OSError(f"mask mode {image.mode!r} is not a label image (expected palette or greyscale)")
             array = np.asarray(image)

@@ -15,6 +15,12 @@ Numpy and Pillow only (no tensor library), shared by groupvit_pt and groupvit_tf
 
 Normalisation statistics are named presets: ``"clip"`` (the Hub preprocessor, default) and ``"imagenet"`` (the
 original NVlabs training and evaluation code). See ``GroupViTImageProcessor.preset``.
+
+Bounds (not in transformers): ``size`` and ``crop_size`` values are at most ``MAX_IMAGE_SIDE``; a resize whose
+output would exceed ``MAX_RESIZE_PIXELS`` (an extreme aspect ratio: shortest edge 224 of a 1 x 100000 image is
+224 x 22,400,000) is done only on the window that survives the centre crop (same filter and scale: the same
+picture, though not bit-identical to transformers, which would need gigabytes), and refused with ``ValueError``
+when there is no centre crop. Files are opened only in the formats of ``ALLOWED_IMAGE_FORMATS``.
 """
 
 from __future__ import annotations
@@ -46,6 +52,18 @@ DEFAULT_PRESET = "clip"
 PREPROCESSOR_NAME = "preprocessor_config.json"
 DEFAULT_SIZE = 224
 DEFAULT_RESCALE_FACTOR = 1 / 255
+
+# The only file formats load_image (and every other image reader of the project) lets Pillow open, whatever the
+# file's name. Pillow recognises dozens more from the content, some of them handled by external programs (EPS and
+# PostScript go to Ghostscript) or by rarely used parsers: an untrusted file must not choose its decoder freely.
+# JPEGs with several pictures (MPO) open through "JPEG"; "PPM" covers PBM/PGM/PPM/PNM.
+ALLOWED_IMAGE_FORMATS: Tuple[str, ...] = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+
+# Upper bound of every size / crop_size value, so that a config file cannot make each call allocate gigabytes.
+MAX_IMAGE_SIDE = 8192
+# Largest resize output materialised in full (the largest fixed-size resize MAX_IMAGE_SIDE squared, 192 MiB as
+# RGB uint8). Above it the processor resizes only the window that survives the centre crop, or refuses.
+MAX_RESIZE_PIXELS = MAX_IMAGE_SIDE * MAX_IMAGE_SIDE
 
 # Pillow's filter numbers, which is what transformers stores as "resample" in preprocessor_config.json.
 RESAMPLE_FILTERS: Dict[str, int] = {
@@ -86,16 +104,32 @@ class ImageBatch(ModelOutput):
 # Loading and validating single images
 
 
+def open_image_file(path: Union[str, "os.PathLike[str]"]) -> Image.Image:
+    """``Image.open`` restricted to ``ALLOWED_IMAGE_FORMATS`` (lazy, like ``Image.open``: use it as a context).
+
+    A file in any other format, or no image at all, raises ``PIL.UnidentifiedImageError`` (an ``OSError``) naming
+    the file and the allowed formats; other errors are Pillow's.
+    """
+    try:
+        return Image.open(path, formats=ALLOWED_IMAGE_FORMATS)
+    except Image.UnidentifiedImageError:
+        raise Image.UnidentifiedImageError(
+            f"cannot identify image file {os.fspath(path)!r} as one of the allowed formats "
+            f"{', '.join(ALLOWED_IMAGE_FORMATS)} (other formats are not opened, whatever the file name)"
+        ) from None
+
+
 def load_image(path: Union[str, "os.PathLike[str]"]) -> Image.Image:
     """Open an image file as an RGB PIL image, applying its EXIF orientation (as transformers' ``load_image``).
 
-    Every failure (missing file, not an image, truncated data) is raised as ``OSError`` naming the file.
+    Only the formats of ``ALLOWED_IMAGE_FORMATS`` are opened, whatever the file's name. Every failure (missing
+    file, not an image, a format not allowed, truncated data) is raised as ``OSError`` naming the file.
     """
     path = os.fspath(path)
     if not isinstance(path, str):
         raise TypeError(f"load_image expects a file path, got {type(path).__name__}")
     try:
-        with Image.open(path) as image:
+        with open_image_file(path) as image:
             image.load()
             image = ImageOps.exif_transpose(image)
             return image.convert("RGB")
@@ -212,10 +246,49 @@ def shortest_edge_output_size(height: int, width: int, shortest_edge: int) -> Tu
     return (new_long, new_short) if width <= height else (new_short, new_long)
 
 
+def _check_resize_budget(height: int, width: int, what: str = "image") -> None:
+    if height * width > MAX_RESIZE_PIXELS:
+        raise ValueError(
+            f"resizing {what} to {height} x {width} pixels would exceed the limit of {MAX_RESIZE_PIXELS} pixels "
+            "(MAX_RESIZE_PIXELS): its aspect ratio is too extreme for this size; use a smaller size or a centre "
+            "crop (do_center_crop), which resizes only the window it keeps"
+        )
+
+
 def resize(image: np.ndarray, height: int, width: int, resample: int = DEFAULT_RESAMPLE) -> np.ndarray:
-    """Resize an (H, W, 3) uint8 array to (height, width, 3) with Pillow (antialiased filters, uint8 output)."""
+    """Resize an (H, W, 3) uint8 array to (height, width, 3) with Pillow (antialiased filters, uint8 output).
+
+    An output of more than ``MAX_RESIZE_PIXELS`` pixels is refused with ``ValueError``.
+    """
+    _check_resize_budget(height, width)
     resized = Image.fromarray(image, "RGB").resize((width, height), resample=resample)
     return np.asarray(resized, dtype=np.uint8)
+
+
+def _crop_window(resized: int, crop: int) -> Tuple[int, int]:
+    """(start, length) along one axis of the part of a ``resized``-long axis that a centre crop keeps."""
+    if resized <= crop:
+        return 0, resized  # all of it, padded afterwards
+    return (resized - crop) // 2, crop
+
+
+def resize_crop_window(image: np.ndarray, height: int, width: int, crop_height: int, crop_width: int,
+                       resample: int = DEFAULT_RESAMPLE) -> np.ndarray:
+    """The part of ``resize(image, height, width)`` that ``center_crop(..., crop_height, crop_width)`` keeps,
+    computed without the rest: Pillow resamples only that window of the source (``resize(box=...)``) at the same
+    scale. Memory is bounded by the crop, whatever the aspect ratio. The picture is the same but not the bits:
+    Pillow passes the box as float32 and may order its two passes differently for a window (one 8-bit level
+    usually, more on noise-like content; a shifted sample with ``nearest``), so the processor uses this only where
+    the full resize would exceed ``MAX_RESIZE_PIXELS``.
+    """
+    source_height, source_width = image.shape[:2]
+    top, window_height = _crop_window(height, crop_height)
+    left, window_width = _crop_window(width, crop_width)
+    # Python ints: the products are exact and each true division is correctly rounded, so right <= source_width.
+    box = (left * source_width / width, top * source_height / height,
+           (left + window_width) * source_width / width, (top + window_height) * source_height / height)
+    window = Image.fromarray(image, "RGB").resize((window_width, window_height), resample=resample, box=box)
+    return np.asarray(window, dtype=np.uint8)
 
 
 def resize_shortest_edge(image: ImageInput, size: int, resample: int = DEFAULT_RESAMPLE) -> np.ndarray:
@@ -234,14 +307,13 @@ def center_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
     if top >= 0 and left >= 0:
         return image[top: top + height, left: left + width]
     # transformers pads to max(crop, image) with the image centred (odd margins: one more pixel before it) and
-    # then takes the same window shifted by the padding.
-    new_height, new_width = max(height, orig_height), max(width, orig_width)
-    top_pad = math.ceil((new_height - orig_height) / 2)
-    left_pad = math.ceil((new_width - orig_width) / 2)
-    padded = np.zeros((new_height, new_width) + image.shape[2:], dtype=image.dtype)
-    padded[top_pad: top_pad + orig_height, left_pad: left_pad + orig_width] = image
-    top, left = top + top_pad, left + left_pad
-    return padded[max(0, top): min(new_height, top + height), max(0, left): min(new_width, left + width)]
+    # then takes the same window shifted by the padding: output row y is image row y + top (floor division above),
+    # zero where that is outside the image. Only the crop is allocated, not the padded image.
+    cropped = np.zeros((height, width) + image.shape[2:], dtype=image.dtype)
+    rows = slice(max(0, top), min(orig_height, top + height))
+    cols = slice(max(0, left), min(orig_width, left + width))
+    cropped[rows.start - top: rows.stop - top, cols.start - left: cols.stop - left] = image[rows, cols]
+    return cropped
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,8 +332,17 @@ def _check_bool(value: Any, name: str) -> bool:
     return bool(value)
 
 
+def _check_side(value: Any, name: str) -> int:
+    value = _check_int(value, name)
+    if value > MAX_IMAGE_SIDE:
+        raise ValueError(f"{name} is {value}, more than the limit of {MAX_IMAGE_SIDE} pixels (MAX_IMAGE_SIDE)")
+    return value
+
+
 def _check_size(size: Any, name: str, default_to_square: bool) -> Dict[str, int]:
-    """transformers' get_size_dict: an int is a shortest edge (or a square), a pair is (height, width)."""
+    """transformers' get_size_dict: an int is a shortest edge (or a square), a pair is (height, width).
+
+    Each value must be a positive int of at most ``MAX_IMAGE_SIDE``."""
     if isinstance(size, numbers.Integral) and not isinstance(size, bool):
         size = {"height": size, "width": size} if default_to_square else {"shortest_edge": size}
     elif isinstance(size, (list, tuple)):
@@ -272,10 +353,10 @@ def _check_size(size: Any, name: str, default_to_square: bool) -> Dict[str, int]
         raise TypeError(f"{name} must be an int, a (height, width) pair or a dict, got {size!r}")
     keys = set(size)
     if keys == {"shortest_edge"} and not default_to_square:
-        return {"shortest_edge": _check_int(size["shortest_edge"], f"{name}['shortest_edge']")}
+        return {"shortest_edge": _check_side(size["shortest_edge"], f"{name}['shortest_edge']")}
     if keys == {"height", "width"}:
-        return {"height": _check_int(size["height"], f"{name}['height']"),
-                "width": _check_int(size["width"], f"{name}['width']")}
+        return {"height": _check_side(size["height"], f"{name}['height']"),
+                "width": _check_side(size["width"], f"{name}['width']")}
     allowed = "{'height', 'width'}" + ("" if default_to_square else " or {'shortest_edge'}")
     raise ValueError(f"{name} must have the keys {allowed}, got {sorted(keys)}")
 
@@ -526,7 +607,13 @@ class GroupViTImageProcessor:
                                                                   size["shortest_edge"])
             else:
                 new_height, new_width = size["height"], size["width"]
-            rgb = resize(rgb, new_height, new_width, settings["resample"])
+            if settings["do_center_crop"] and new_height * new_width > MAX_RESIZE_PIXELS:
+                # An extreme aspect ratio: the full resize would take gigabytes, the crop keeps a small window.
+                rgb = resize_crop_window(rgb, new_height, new_width, settings["crop_size"]["height"],
+                                         settings["crop_size"]["width"], settings["resample"])
+            else:
+                _check_resize_budget(new_height, new_width, what)
+                rgb = resize(rgb, new_height, new_width, settings["resample"])
         if settings["do_center_crop"]:
             rgb = center_crop(rgb, settings["crop_size"]["height"], settings["crop_size"]["width"])
         if settings["do_rescale"]:
@@ -542,10 +629,13 @@ class GroupViTImageProcessor:
 
 
 __all__ = [
+    "ALLOWED_IMAGE_FORMATS",
     "CLIP_MEAN",
     "CLIP_STD",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "MAX_IMAGE_SIDE",
+    "MAX_RESIZE_PIXELS",
     "NORMALIZATION_PRESETS",
     "PREPROCESSOR_NAME",
     "RESAMPLE_FILTERS",
@@ -553,7 +643,9 @@ __all__ = [
     "ImageBatch",
     "center_crop",
     "load_image",
+    "open_image_file",
     "resize",
+    "resize_crop_window",
     "resize_shortest_edge",
     "shortest_edge_output_size",
     "to_rgb_array",

@@ -109,14 +109,13 @@ def build_segmenter(args: argparse.Namespace, model: str, background_threshold: 
 
 
 def _check_images(paths: List[str]) -> None:
-    from PIL import Image
-
     from ..cli import CommandError
+    from ..image import open_image_file
 
     stems = {}
     for path in paths:
         try:
-            with Image.open(path) as image:
+            with open_image_file(path) as image:  # only image.ALLOWED_IMAGE_FORMATS
                 image.verify()
         except FileNotFoundError:
             raise CommandError(f"cannot read image {path}: no such file") from None
