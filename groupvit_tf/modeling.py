@@ -25,8 +25,8 @@ TensorFlow specifics worth knowing:
 - Speed: an eager inference call of the three models (``model(...)``, ``get_text_features``,
   ``get_image_features`` with ``training=False``) checks its inputs eagerly (ValueError as above), then runs a
   ``tf.function`` cached on the model per set of flags, with the batch and the text length dynamic in its input
-  signature: the first call of each kind traces it (seconds at the default size), later ones skip Python and get
-  TensorFlow's fused kernels. ``model.run_eagerly = True`` (Keras' switch) runs eagerly instead;
+  signature: the first call of each kind runs eagerly (a one-off call does not pay for tracing), the second
+  traces it (seconds at the default size), later ones skip Python and get TensorFlow's fused kernels. ``model.run_eagerly = True`` (Keras' switch) runs eagerly instead;
   ``model.jit_compile = True`` compiles the functions with XLA (Keras' "auto" does so on GPU only); on CPU that
   is 10-20% faster for image and text features at a fixed batch size, but every new input shape compiles again
   (seconds). Inside the layers q/k/v come from one GEMM, every dense layer is one 2-D MatMul + BiasAdd (the
