@@ -9,12 +9,15 @@ Numpy-only: nothing here imports torch, tensorflow or keras, and no pickled code
 * ``tf_model.h5`` in the Hugging Face / Keras-2 layout: root attribute ``layer_names`` (``['groupvit']``), each
   layer group carries ``weight_names`` such as ``tf_group_vi_t_model/groupvit/text_model/.../kernel:0`` and the
   dataset lives at ``group[weight_name]``.  Keys are returned without the model scope, the ``groupvit/``
-  segment and the ``:0`` suffix: ``text_model/embeddings/token_embedding/weight``.
+  segment and the ``:0`` suffix: ``text_model/embeddings/token_embedding/weight``.  libhdf5 can hang
+  (uninterruptibly) or crash on a damaged file, so the file is parsed in a child process with a time limit;
+  external and virtual datasets and links to other files are refused.
 * torch zip files (``pytorch_model.bin``, NVlabs ``.pth``, torch >= 1.6): ``<archive>/data.pkl`` is read by an
   unpickler that resolves only ``collections.OrderedDict``, the tensor-rebuild helpers and the storage types;
   every other global (an OmegaConf config, ``argparse.Namespace``, numpy scalars in optimizer state, or
   ``os.system`` in a malicious file) becomes an inert :class:`UnresolvedGlobal` that records its name and
-  arguments and is never imported or called.  Tensors come back as numpy arrays (bfloat16 as float32).
+  arguments and is never imported or called.  Tensors come back as numpy arrays (bfloat16 as float32);
+  the bytes they copy out of the storages are bounded in total, not only per tensor.
   The writer emits the pickle opcodes directly, so ``torch.load(path, weights_only=True)`` reads the file
   although torch is never imported here.
 
@@ -25,7 +28,9 @@ writer is atomic (:func:`atomic_write` / :func:`atomic_path`): a failed write le
 
 from __future__ import annotations
 
+import builtins
 import collections
+import copyreg
 import io
 import json
 import math
@@ -33,13 +38,18 @@ import os
 import pickle
 import pickletools
 import reprlib
+import signal
 import struct
+import subprocess
+import sys
+import tempfile
 import zipfile
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
 import h5py
 import numpy as np
 import safetensors.numpy
+from numpy.lib import format as npy_format
 
 from groupvit_core.io_utils import PathLike, atomic_path, parse_json_bytes, read_json_file
 
@@ -337,13 +347,25 @@ def _strip_keras_weight_name(weight_name: str, path: str) -> str:
 
 
 def _check_h5_dataset(dataset, path: str, weight_name: str) -> None:
-    """Reject datasets whose declared size the file cannot hold, before anything is allocated."""
+    """Reject datasets whose data lives outside the file, or whose declared size the file cannot hold, before
+    anything is allocated or read."""
+    plist = dataset.id.get_create_plist()
+    layout = plist.get_layout()
+    if layout == getattr(h5py.h5d, "VIRTUAL", -1):
+        raise OSError(
+            f"{path}: weight {weight_name!r} is a virtual dataset whose data comes from external files; "
+            "a checkpoint may not read other files"
+        )
+    if plist.get_external_count():
+        raise OSError(
+            f"{path}: weight {weight_name!r} keeps its data in external raw files; a checkpoint may not read "
+            "other files"
+        )
     if dataset.dtype.kind not in "fiub":
         raise ValueError(f"{path}: weight {weight_name!r} has non-numeric dtype {dataset.dtype}")
     if dataset.shape is None:
         raise ValueError(f"{path}: weight {weight_name!r} has an empty (null) dataspace")
     nbytes = math.prod(dataset.shape) * dataset.dtype.itemsize
-    layout = dataset.id.get_create_plist().get_layout()
     if nbytes == 0 or layout == h5py.h5d.COMPACT:  # compact data lives in the object header (< 64 KiB)
         return
     stored = dataset.id.get_storage_size()
@@ -355,36 +377,228 @@ def _check_h5_dataset(dataset, path: str, weight_name: str) -> None:
         raise ValueError(f"{path}: weight {weight_name!r} claims {nbytes} bytes from {stored} stored bytes")
 
 
-def read_h5(path: PathLike) -> StateDict:
-    """Read a Hugging Face ``tf_model.h5`` (Keras-2 layout) into ``{'text_model/.../kernel': array, ...}``."""
-    path = _existing_file(path)
+_MAX_H5_SOFT_LINKS = 8  # Keras writes none; HDF5 itself stops at 16
+
+
+def _get_h5_local(root, start, name: str, path: str, what: str, depth: int = 0):
+    """The object at ``name`` (relative to group ``start``, or absolute), or None if there is none.
+
+    Every path component is looked up as a link first: hard links are followed, soft links are resolved the same
+    way (so they too stay inside the file), and external or user-defined links are refused (OSError), so the file
+    cannot make the reader open other files.
+    """
+    current = root if name.startswith("/") else start
+    for part in name.split("/"):
+        if part in ("", "."):
+            continue
+        if not isinstance(current, h5py.Group):
+            return None
+        link = current.get(part, getlink=True)
+        if link is None:
+            return None
+        if isinstance(link, h5py.HardLink):
+            current = current[part]
+        elif isinstance(link, h5py.SoftLink):
+            if depth >= _MAX_H5_SOFT_LINKS:
+                raise ValueError(f"{path}: {what} goes through more than {_MAX_H5_SOFT_LINKS} soft links")
+            current = _get_h5_local(root, current, link.path, path, what, depth + 1)
+        elif isinstance(link, h5py.ExternalLink):
+            raise OSError(
+                f"{path}: {what} is an external link to {link.filename!r}:{link.path!r}; "
+                "a checkpoint may not read other files"
+            )
+        else:
+            raise OSError(f"{path}: {what} is a {type(link).__name__} (external or user-defined link); refused")
+    return current
+
+
+def _iter_h5_in_process(path: str) -> Iterator[Tuple[str, np.ndarray]]:
+    """Parse ``tf_model.h5`` in this process, yielding ``(stripped key, array)``.
+
+    :func:`read_h5` runs this in a child process, because libhdf5 may spin forever or crash on a damaged file.
+    """
     if not h5py.is_hdf5(path):
         raise OSError(f"{path}: not an HDF5 file")
-    tensors: StateDict = {}
+    keys = set()
     try:
         with h5py.File(path, "r") as handle:
             layer_names = _read_string_list_attr(handle, "layer_names")
             if layer_names is None:
                 raise OSError(f"{path}: no 'layer_names' attribute; not a Keras-2 tf_model.h5 weights file")
             for layer_name in layer_names:
-                group = handle.get(layer_name)
+                group = _get_h5_local(handle, handle, layer_name, path, f"layer group {layer_name!r}")
                 if not isinstance(group, h5py.Group):
                     raise ValueError(f"{path}: layer group {layer_name!r} listed in layer_names is missing")
                 for weight_name in _read_string_list_attr(group, "weight_names") or []:
                     key = _strip_keras_weight_name(weight_name, path)
-                    if key in tensors:
+                    if key in keys:
                         raise ValueError(f"{path}: duplicate weight {key!r} (from {weight_name!r})")
-                    dataset = group.get(weight_name)
+                    keys.add(key)
+                    dataset = _get_h5_local(handle, group, weight_name, path, f"weight {weight_name!r}")
                     if not isinstance(dataset, h5py.Dataset):
                         raise ValueError(f"{path}: weight {weight_name!r} has no dataset in group {layer_name!r}")
                     _check_h5_dataset(dataset, path, weight_name)
                     array = np.asarray(dataset[()])
-                    tensors[key] = array.astype(array.dtype.newbyteorder("="), copy=False)
+                    yield key, array.astype(array.dtype.newbyteorder("="), copy=False)
     except Exception as error:  # h5py surfaces corruption as OSError/KeyError/RuntimeError without the path
         if isinstance(error, (ValueError, OSError)) and path in str(error):
             raise
         raise OSError(f"{path}: corrupt HDF5 file ({type(error).__name__}: {error})") from error
+
+
+def _read_h5_in_process(path: str) -> StateDict:
+    """:func:`read_h5` without the child process (the child's parser; see the warning there)."""
+    return dict(_iter_h5_in_process(path))
+
+
+# tf_model.h5 is parsed in a child process: libhdf5 can spin forever, uninterruptibly, on a damaged file (seen on a
+# damaged global heap), and can crash on others.  The child gets this much wall-clock (and CPU) time:
+_H5_TIMEOUT_S = 60.0
+_H5_TIMEOUT_PER_100MB_S = 5.0
+_H5_IN_CHILD = True  # False: parse in this process (only for files known to be sound, e.g. in tests)
+# The child runs in isolated mode (-I: no PYTHON* variables, no user site, not the caller's __main__) with the
+# parent's sys.path, imports only this module (numpy, h5py; never a framework), and hands the arrays back as .npy
+# records in a private temporary directory: nothing it returns is unpickled.
+_H5_CHILD_BOOTSTRAP = (
+    "import json, os, sys\n"
+    "with open(os.path.join(sys.argv[1], 'request.json'), encoding='utf-8') as handle:\n"
+    "    request = json.load(handle)\n"
+    "sys.path[:] = request['sys_path']\n"
+    "from groupvit_core.checkpoint import _h5_child_main\n"
+    "sys.exit(_h5_child_main(sys.argv[1], request))\n"
+)
+
+
+def _h5_time_limit(file_size: int) -> float:
+    return _H5_TIMEOUT_S + _H5_TIMEOUT_PER_100MB_S * file_size / 100e6
+
+
+def _h5_child_command(workdir: str) -> list:
+    return [sys.executable, "-I", "-c", _H5_CHILD_BOOTSTRAP, workdir]
+
+
+def _child_sys_path() -> list:
+    """The parent's sys.path, with the directory holding this package first (so the child imports this code)."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return [package_parent] + [entry for entry in sys.path if isinstance(entry, str) and entry != package_parent]
+
+
+def _limit_own_cpu_time(seconds: float) -> None:
+    """Make the kernel kill this process after ``seconds`` of CPU time, even if its parent is gone (POSIX)."""
+    try:
+        import resource
+    except ImportError:  # Windows: the parent's wall-clock limit alone applies
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # SIGXCPU would otherwise dump core
+        _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+        soft = int(math.ceil(seconds)) + 1
+        if hard != resource.RLIM_INFINITY:
+            soft = min(soft, hard)
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+    except (ValueError, OSError):
+        pass
+
+
+def _h5_child_main(workdir: str, request: dict) -> int:
+    """Entry point of :func:`read_h5`'s child process: parse ``request['path']``, write ``arrays.npy`` (one .npy
+    record per tensor) and then ``result.json`` (the names, or the error type and message) into ``workdir``."""
+    _limit_own_cpu_time(request["seconds"])
+    path = request["path"]
+    try:
+        names = []
+        with open(os.path.join(workdir, "arrays.npy"), "wb") as handle:
+            for key, array in _iter_h5_in_process(path):
+                names.append(key)
+                npy_format.write_array(handle, array, allow_pickle=False)
+        result: Dict[str, Any] = {"names": names}
+    except (ValueError, OSError) as error:
+        result = {"error": type(error).__name__, "message": str(error)}
+    with open(os.path.join(workdir, "result.json.tmp"), "w", encoding="utf-8") as handle:
+        json.dump(result, handle)
+    os.replace(os.path.join(workdir, "result.json.tmp"), os.path.join(workdir, "result.json"))
+    return 0
+
+
+def _describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+def _run_h5_child(path: str, workdir: str, seconds: float) -> None:
+    """Run the child on ``path``; OSError naming the file if it runs out of time or dies without a result."""
+    with open(os.path.join(workdir, "request.json"), "w", encoding="utf-8") as handle:
+        json.dump({"path": path, "sys_path": _child_sys_path(), "seconds": seconds}, handle)
+    with open(os.path.join(workdir, "stderr.txt"), "wb") as stderr:
+        try:
+            process = subprocess.Popen(_h5_child_command(workdir), stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=stderr)
+        except OSError as error:
+            raise OSError(f"{path}: cannot start the process that parses the file ({error})") from error
+        try:
+            returncode = process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            raise OSError(f"{path}: took longer than {seconds:.0f} s to parse; the file is probably damaged") from None
+        finally:
+            if process.poll() is None:  # timed out, or interrupted (KeyboardInterrupt) while waiting
+                process.kill()
+                process.wait()
+    if returncode == -getattr(signal, "SIGXCPU", 0):
+        raise OSError(f"{path}: took longer than {seconds:.0f} s of CPU time to parse; the file is probably damaged")
+    if returncode != 0 or not os.path.isfile(os.path.join(workdir, "result.json")):
+        with open(os.path.join(workdir, "stderr.txt"), "rb") as handle:
+            lines = handle.read()[-2000:].decode("utf-8", "replace").strip().splitlines()
+        detail = f": {lines[-1][-300:]}" if lines else ""
+        raise OSError(f"{path}: the process parsing the file died ({_describe_exit(returncode)}{detail})")
+
+
+def _collect_h5_child_result(path: str, workdir: str) -> StateDict:
+    with open(os.path.join(workdir, "result.json"), "rb") as handle:
+        result = parse_json_bytes(handle.read(), path, "parser result")
+    if not isinstance(result, dict):
+        raise OSError(f"{path}: malformed result from the parser process")
+    if "error" in result:
+        error_type = getattr(builtins, str(result["error"]), None)
+        if not (isinstance(error_type, type) and issubclass(error_type, (ValueError, OSError))):
+            error_type = OSError
+        message = str(result.get("message"))
+        raise error_type(message if path in message else f"{path}: {message}")
+    names = result.get("names")
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and len(set(names)) == len(names)):
+        raise OSError(f"{path}: malformed result from the parser process")
+    tensors: StateDict = {}
+    try:
+        with open(os.path.join(workdir, "arrays.npy"), "rb") as handle:
+            for name in names:
+                tensors[name] = npy_format.read_array(handle, allow_pickle=False)
+            if handle.read(1):
+                raise ValueError("trailing data")
+    except (ValueError, OSError, EOFError) as error:
+        raise OSError(f"{path}: cannot read the arrays from the parser process ({error})") from error
     return tensors
+
+
+def read_h5(path: PathLike) -> StateDict:
+    """Read a Hugging Face ``tf_model.h5`` (Keras-2 layout) into ``{'text_model/.../kernel': array, ...}``.
+
+    The file is parsed in a child process (same interpreter, isolated mode) with a time limit of
+    ``_H5_TIMEOUT_S`` plus ``_H5_TIMEOUT_PER_100MB_S`` per 100 MB, because libhdf5 can hang uninterruptibly or
+    crash on a damaged file: a hang, a crash or a kill ends in an OSError naming the file, and the errors the
+    parser raises (ValueError / OSError) come back unchanged.  Links and virtual or external datasets that would
+    read other files are refused.  Where ``sys.executable`` is unknown (an embedded interpreter) the file is
+    parsed in this process, without the time limit.
+    """
+    path = _existing_file(path)
+    if not (_H5_IN_CHILD and sys.executable):
+        return _read_h5_in_process(path)
+    seconds = _h5_time_limit(os.path.getsize(path))
+    with tempfile.TemporaryDirectory(prefix="groupvit-h5-") as workdir:
+        _run_h5_child(path, workdir, seconds)
+        return _collect_h5_child_result(path, workdir)
 
 
 def write_h5(path: PathLike, tensors: Mapping[str, Any], scope: str = "tf_group_vi_t_model") -> None:
@@ -470,10 +684,16 @@ def _unresolved_class(qualname: str) -> type:
 
 
 class _StorageType:
-    """What ``torch.FloatStorage`` etc. resolve to: only a dtype, for use in persistent ids."""
+    """What ``torch.FloatStorage`` etc. resolve to: only a dtype, for use in persistent ids (immutable)."""
+
+    __slots__ = ("name", "dtype", "bfloat16")
 
     def __init__(self, name: str, dtype: np.dtype, bfloat16: bool = False):
-        self.name, self.dtype, self.bfloat16 = name, dtype, bfloat16
+        for attribute, value in (("name", name), ("dtype", dtype), ("bfloat16", bfloat16)):
+            object.__setattr__(self, attribute, value)
+
+    def __setattr__(self, name, value):
+        raise pickle.UnpicklingError(f"torch.{self.name} cannot be modified")
 
     def __call__(self, *args, **kwargs):
         raise pickle.UnpicklingError(f"torch.{self.name} may only appear in a storage persistent id")
@@ -519,14 +739,36 @@ class _Storage:
         self.array, self.bfloat16 = array, bfloat16
 
 
+class _CopyBudget:
+    """Bytes that tensors of one file may copy out of its storages, in total.
+
+    Each tensor is bounded by ``_MAX_EXPANDED_BYTES`` beyond its storage, but many tensors can view one small
+    storage (stride 0, or the same storage key again), so the sum is bounded too: twice the storage bytes loaded so
+    far (tied or shared weights view a storage more than once) plus ``_MAX_EXPANDED_BYTES``.
+    """
+
+    def __init__(self, path: str):
+        self.path, self.loaded, self.copied = path, 0, 0
+
+    def spend(self, nbytes: int, size: Tuple[int, ...]) -> None:
+        limit = 2 * self.loaded + _MAX_EXPANDED_BYTES
+        if self.copied + nbytes > limit:
+            raise ValueError(
+                f"{self.path}: tensors would copy more than {limit} bytes out of {self.loaded} bytes of storage "
+                f"(at a tensor of size {size}); refusing to materialise them"
+            )
+        self.copied += nbytes
+
+
 def _check_int_tuple(value, what: str) -> Tuple[int, ...]:
     if not isinstance(value, (tuple, list)) or not all(type(v) is int and v >= 0 for v in value):
         raise ValueError(f"tensor {what} must be a tuple of non-negative ints, got {value!r}")
     return tuple(value)
 
 
-def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored) -> np.ndarray:
-    """numpy equivalent of ``torch._utils._rebuild_tensor(_v2)``; never reads outside the storage."""
+def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored, budget: Optional[_CopyBudget] = None):
+    """numpy equivalent of ``torch._utils._rebuild_tensor(_v2)``; never reads outside the storage, and charges the
+    bytes it copies to ``budget`` before copying."""
     if not isinstance(storage, _Storage):
         raise ValueError(f"tensor storage must come from a persistent id, got {storage!r}")
     if type(storage_offset) is not int or storage_offset < 0:
@@ -548,6 +790,8 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored) -> np.ndar
                 f"of a storage of {flat.size}"
             )
         itemsize = flat.dtype.itemsize
+        if budget is not None:
+            budget.spend(numel * itemsize, size)
         view = np.lib.stride_tricks.as_strided(
             flat[storage_offset:], shape=size, strides=[s * itemsize for s in stride], writeable=False
         )
@@ -563,18 +807,31 @@ def _rebuild_from_type_v2(func, _new_type, args, _state):
     return func(*args)
 
 
-class _UniqueKeyOrderedDict(collections.OrderedDict):
-    """The OrderedDict a state-dict pickle builds; setting a key twice (SETITEM/SETITEMS) is refused, as
-    safetensors and tf_model.h5 readers refuse duplicate names, so no two readers can disagree on a file."""
+def _short_repr(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _UniqueKeyDict(dict):
+    """What EMPTY_DICT / DICT build: setting a key twice (SETITEM/SETITEMS) is refused, as safetensors and
+    tf_model.h5 readers refuse duplicate names, so no two readers can disagree on a file."""
 
     def __setitem__(self, key, value):
         if key in self:
-            raise ValueError(f"duplicate key {key!r} in state dict")
+            raise ValueError(f"duplicate key {_short_repr(key)} in a pickled dict (state dict)")
         super().__setitem__(key, value)
 
 
-_ALLOWED_GLOBALS = {
-    "collections.OrderedDict": _UniqueKeyOrderedDict,
+class _UniqueKeyOrderedDict(collections.OrderedDict):
+    """What ``collections.OrderedDict`` builds (a fresh subclass per lookup); a key set twice is refused."""
+
+    def __setitem__(self, key, value):
+        if key in self:
+            raise ValueError(f"duplicate key {_short_repr(key)} in state dict")
+        super().__setitem__(key, value)
+
+
+_REBUILD_HELPERS = {
     "torch._utils._rebuild_tensor": _rebuild_tensor,
     "torch._utils._rebuild_tensor_v2": _rebuild_tensor,
     "torch._utils._rebuild_parameter": _rebuild_parameter,
@@ -583,24 +840,70 @@ _ALLOWED_GLOBALS = {
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler for ``data.pkl`` that resolves only tensors, storages and OrderedDict."""
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Unpickler for ``data.pkl`` that resolves only tensors, storages and OrderedDict.
+
+    The pure-Python unpickler, so that opcodes can be checked: dicts refuse a key set twice, BUILD may only give
+    state to dicts and :class:`UnresolvedGlobal` instances, and EXT codes go through :meth:`find_class` rather
+    than copyreg's process-wide cache.  :meth:`find_class` returns a fresh object on every call, so nothing a file
+    does to what it gets (BUILD, setattr) reaches the library's own functions and classes.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, byteorder: str, path: str):
         super().__init__(io.BytesIO(data))
         self._archive, self._prefix, self._byteorder, self._path = archive, prefix, byteorder, path
         self._storages: Dict[str, _Storage] = {}
         self._unresolved: Dict[str, type] = {}
+        self._budget = _CopyBudget(path)
 
     def find_class(self, module: str, name: str):
         qualname = f"{module}.{name}"
-        if qualname in _ALLOWED_GLOBALS:
-            return _ALLOWED_GLOBALS[qualname]
+        if qualname == "collections.OrderedDict":
+            return type("OrderedDict", (_UniqueKeyOrderedDict,), {"__module__": __name__})
+        if qualname in _REBUILD_HELPERS:
+            helper, budget = _REBUILD_HELPERS[qualname], self._budget
+            if helper is _rebuild_tensor:
+                return lambda *args: _rebuild_tensor(*args, budget=budget)
+            return lambda *args: helper(*args)
         if module in ("torch", "torch.cuda") and name in _STORAGE_TYPES:
             return _StorageType(name, _STORAGE_TYPES[name], bfloat16=name == "BFloat16Storage")
         if qualname not in self._unresolved:
             self._unresolved[qualname] = _unresolved_class(qualname)
         return self._unresolved[qualname]
+
+    def get_extension(self, code):
+        # EXT1/2/4: resolved through find_class every time; copyreg._extension_cache may hold real objects that
+        # another unpickler in this process resolved, and must not receive ours either.
+        key = copyreg._inverted_registry.get(code)
+        if not key:
+            raise pickle.UnpicklingError(f"unregistered extension code {code}")
+        self.append(self.find_class(*key))
+
+    def _load_empty_dict(self):
+        self.append(_UniqueKeyDict())
+
+    def _load_dict(self):
+        items = self.pop_mark()
+        if len(items) % 2:
+            raise pickle.UnpicklingError("DICT with an odd number of items")
+        result = _UniqueKeyDict()
+        for index in range(0, len(items), 2):
+            result[items[index]] = items[index + 1]
+        self.append(result)
+
+    def _load_build(self):
+        if len(self.stack) < 2:
+            raise pickle.UnpicklingError("BUILD on an empty stack")
+        target = self.stack[-2]
+        if not isinstance(target, (dict, UnresolvedGlobal)):
+            raise pickle.UnpicklingError(f"BUILD may not set the state of {reprlib.repr(target)}")
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.EMPTY_DICT[0]] = _load_empty_dict
+    dispatch[pickle.DICT[0]] = _load_dict
+    dispatch[pickle.BUILD[0]] = _load_build
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
@@ -627,6 +930,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         array = np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="), copy=False)
         storage = _Storage(array, storage_type.bfloat16)
         self._storages[key] = storage
+        self._budget.loaded += array.nbytes
         return storage
 
 

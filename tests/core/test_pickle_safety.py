@@ -5,7 +5,8 @@ tests/core/test_checkpoint.py covers ``__reduce__`` payloads written by ``pickle
 unknown storage type; this module adds the opcode-level variety: protocol-0 text opcodes, STACK_GLOBAL, INST,
 OBJ, NEWOBJ / NEWOBJ_EX, EXT1/2/4 through the copyreg registry, BUILD / __setstate__, persistent-id abuse,
 gadget chains (getattr, __import__, pickle.loads, functools.partial, operator.methodcaller, ...), nesting depth,
-plus a hypothesis fuzzer over opcode programs. Proof that nothing ran: the side-effect file is never created,
+BUILD on the library's own helpers, duplicate state-dict keys, many tensors viewing one storage, plus a hypothesis
+fuzzer over opcode programs. Proof that nothing ran: the side-effect file is never created,
 monkeypatched dangerous callables are never called, and (in a child process) an audit hook sees no
 os.system / subprocess / exec / compile / import event while the files load. A static check keeps unsafe
 deserialisation APIs out of the code base.
@@ -399,7 +400,7 @@ def test_random_opcode_programs_never_run_code(tmp_path, tripwires):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Nesting depth and state mutation (open bugs)
+# Nesting depth, state mutation and duplicate keys
 
 _DEPTH_CHILD = r"""
 import json, sys
@@ -453,13 +454,6 @@ def test_moderately_nested_pickles_load(tmp_path):
         assert not isinstance(loaded, Exception), (case, loaded)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG F12: a file can mutate the library's own functions. BUILD with a (None, {'__defaults__': (7,)}) state "
-    "applied to GLOBAL torch._utils._rebuild_tensor_v2 runs setattr on checkpoint._rebuild_tensor (the object "
-    "find_class returns), so __defaults__, __kwdefaults__, __doc__, __name__, __dict__ of the allow-listed "
-    "helpers persist after the load. Repro: this test. Fix: checkpoint._RestrictedUnpickler.find_class should "
-    "return a fresh wrapper per call (e.g. `lambda *args: _rebuild_tensor(*args)`), so BUILD can only touch a "
-    "throwaway object; the storage types are already fresh _StorageType instances."))
 def test_build_cannot_mutate_allow_listed_helpers(tmp_path):
     targets = [ck._rebuild_tensor, ck._rebuild_parameter, ck._rebuild_from_type_v2]
     before = [(f.__defaults__, f.__kwdefaults__, f.__doc__, dict(f.__dict__)) for f in targets]
@@ -484,6 +478,106 @@ def test_build_cannot_mutate_allow_listed_helpers(tmp_path):
             function.__dict__.clear()
             function.__dict__.update(attributes)
     assert after == before
+
+
+def test_build_cannot_mutate_allow_listed_classes(tmp_path):
+    """BUILD on the class that collections.OrderedDict resolves to, or on a storage type, changes nothing shared."""
+    before = dict(vars(ck._UniqueKeyOrderedDict)), dict(vars(ck._UniqueKeyDict))
+    state = (pickle.NONE + pickle.EMPTY_DICT + u("__setitem__") + glob("torch._utils", "_rebuild_parameter")
+             + pickle.SETITEM + u("planted") + pickle.NEWTRUE + pickle.SETITEM + pickle.TUPLE2)
+    for target in (glob("collections", "OrderedDict"), glob("torch", "FloatStorage")):
+        path = torch_zip(tmp_path / "mutate.bin", PROTO2 + target + state + pickle.BUILD + pickle.POP
+                         + pickle.EMPTY_DICT + pickle.STOP)
+        with pytest.raises(ValueError, match="mutate.bin.*BUILD may not set the state"):
+            ck.read_torch_bin(path)
+    assert (dict(vars(ck._UniqueKeyOrderedDict)), dict(vars(ck._UniqueKeyDict))) == before
+
+
+def test_find_class_returns_a_fresh_object_per_lookup():
+    unpickler = ck._RestrictedUnpickler(PROTO2 + pickle.STOP, None, "archive/", "little", "x.bin")
+    library = {id(ck._rebuild_tensor), id(ck._rebuild_parameter), id(ck._rebuild_from_type_v2),
+               id(ck._UniqueKeyOrderedDict), id(ck._UniqueKeyDict)}
+    for module, name in (("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+                         ("torch._tensor", "_rebuild_from_type_v2"), ("collections", "OrderedDict"),
+                         ("torch", "FloatStorage")):
+        first, second = unpickler.find_class(module, name), unpickler.find_class(module, name)
+        assert first is not second and id(first) not in library and id(second) not in library, (module, name)
+
+
+def _state_dict_pickle(opener, entries, closer):
+    """A state-dict pickle: ``opener`` (an empty dict or OrderedDict), MARK, key/tensor pairs, ``closer``."""
+    body = b""
+    for key, storage in entries:
+        body += (u(key) + glob("torch._utils", "_rebuild_tensor_v2") + pickle.MARK + pickle.MARK + u("storage")
+                 + glob("torch", "FloatStorage") + u(storage) + u("cpu") + pickle.BININT1 + b"\2" + pickle.TUPLE
+                 + pickle.BINPERSID + pickle.BININT1 + b"\0" + pickle.MARK + pickle.BININT1 + b"\2" + pickle.TUPLE
+                 + pickle.MARK + pickle.BININT1 + b"\1" + pickle.TUPLE + pickle.NEWFALSE
+                 + glob("collections", "OrderedDict") + pickle.EMPTY_TUPLE + pickle.REDUCE + pickle.TUPLE
+                 + pickle.REDUCE)
+    return PROTO2 + opener + pickle.MARK + body + closer + pickle.STOP
+
+
+_DICT_OPENERS = {
+    "EMPTY_DICT+SETITEMS": (pickle.EMPTY_DICT, pickle.SETITEMS),
+    "OrderedDict+SETITEMS": (glob("collections", "OrderedDict") + pickle.EMPTY_TUPLE + pickle.REDUCE, pickle.SETITEMS),
+    "DICT": (b"", pickle.DICT),
+}
+
+
+@pytest.mark.parametrize("opener", list(_DICT_OPENERS))
+def test_duplicate_keys_in_a_pickled_state_dict_are_refused(tmp_path, opener):
+    records = {"0": struct.pack("<2f", 1, 2), "1": struct.pack("<2f", 3, 4)}
+    start, closer = _DICT_OPENERS[opener]
+    good = torch_zip(tmp_path / "good.bin", _state_dict_pickle(start, [("a.weight", "0"), ("b", "1")], closer),
+                     records)
+    assert sorted(ck.read_torch_bin(good)) == ["a.weight", "b"]
+    path = torch_zip(tmp_path / "dup.bin", _state_dict_pickle(start, [("a.weight", "0"), ("a.weight", "1")], closer),
+                     records)
+    with pytest.raises(ValueError, match="dup.bin.*duplicate key 'a.weight'"):
+        ck.read_torch_bin(path)
+
+
+def _views_pickle(count, key_of, numel, stride):
+    """``{'t<k>': tensor}`` for k < count: ``numel`` bytes viewing storage ``key_of(k)`` with ``stride``."""
+    body = b""
+    for index in range(count):
+        body += (u(f"t{index}") + glob("torch._utils", "_rebuild_tensor_v2") + pickle.MARK + pickle.MARK
+                 + u("storage") + glob("torch", "ByteStorage") + u(key_of(index)) + u("cpu") + pickle.BININT1
+                 + b"\4" + pickle.TUPLE + pickle.BINPERSID + pickle.BININT1 + b"\0" + pickle.MARK + pickle.BININT
+                 + struct.pack("<i", numel) + pickle.TUPLE + pickle.MARK + pickle.BININT1 + bytes([stride])
+                 + pickle.TUPLE + pickle.NEWFALSE + glob("collections", "OrderedDict") + pickle.EMPTY_TUPLE
+                 + pickle.REDUCE + pickle.TUPLE + pickle.REDUCE)
+    return PROTO2 + pickle.EMPTY_DICT + pickle.MARK + body + pickle.SETITEMS + pickle.STOP
+
+
+def test_views_of_one_storage_are_bounded_in_total(tmp_path, monkeypatch):
+    """Copies out of the storages are bounded by 2 x the storage bytes + _MAX_EXPANDED_BYTES, before copying."""
+    monkeypatch.setattr(ck, "_MAX_EXPANDED_BYTES", 2**16)
+    records = {str(k): bytes([k + 1] * 4) for k in range(8)}
+    # Each stride-0 view (2**14 bytes) is under the per-tensor limit; 5 of them are over the total.
+    path = torch_zip(tmp_path / "views.bin", _views_pickle(8, lambda k: "0", 2**14, 0), records)
+    with pytest.raises(ValueError, match=r"views.bin: tensors would copy more than 65544 bytes out of 4 bytes"):
+        ck.read_torch_bin(path)
+    # Tied weights (the same storage viewed twice) and one view per storage load.
+    tied = torch_zip(tmp_path / "tied.bin", _views_pickle(8, lambda k: str(k // 2), 4, 1), records)
+    state = ck.read_torch_bin(tied)
+    assert [state[f"t{k}"].tolist() for k in range(8)] == [[k // 2 + 1] * 4 for k in range(8)]
+
+
+def test_extension_codes_ignore_copyregs_cache(tmp_path, tripwires):
+    """EXT codes resolve through the filter even when copyreg's process-wide cache holds the real object."""
+    code = 0xF7
+    path = torch_zip(tmp_path / "ext.bin", ext_gadget(tmp_path / "pwned", code, pickle.EXT1))
+    copyreg.add_extension("os", "system", code)
+    try:
+        copyreg._extension_cache[code] = os.system  # (the tripwire) as a trusted pickle.loads elsewhere caches it
+        loaded = load_inertly(path)
+        assert copyreg._extension_cache.get(code) is os.system  # and the file's lookup is not cached for others
+    finally:
+        copyreg.remove_extension("os", "system", code)
+        copyreg.clear_extension_cache()
+    assert not tripwires and not (tmp_path / "pwned").exists()
+    assert isinstance(loaded, ck.UnresolvedGlobal) and loaded.qualname == "os.system", loaded
 
 
 # ----------------------------------------------------------------------------------------------------------------
