@@ -122,6 +122,9 @@ class TrainConfig:
     multilabel_weight: float = 1.0
     group_weight: float = 1.0
     pixel_weight: float = 0.0
+    # training only: probability that a group's own token is dropped from its output (which then comes from its
+    # assigned pixels alone), so that a group cannot name an entity without owning its pixels
+    group_token_dropout: float = 0.0
     gumbel: bool = True
     preset: str = "imagenet"
     grad_clip: float = 1.0
@@ -141,6 +144,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "image_size", "pool_size", "max_text_length"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.group_token_dropout < 1.0:
+            raise ValueError(f"group_token_dropout must be in [0, 1), got {self.group_token_dropout}")
         if self.lr <= 0 or self.min_lr < 0 or self.weight_decay < 0 or self.warmup_steps < 0:
             raise ValueError("lr must be positive; min_lr, weight_decay and warmup_steps non-negative")
         from .image import NORMALIZATION_PRESETS

@@ -157,11 +157,29 @@ def soft_cross_entropy_log(log_p: torch.Tensor, targets: torch.Tensor) -> torch.
     return -(targets * log_p).sum(dim=-1)
 
 
-def vision_forward(model: GroupViTModel, pixel_values: torch.Tensor
+def _assign_tokens(assign, image_tokens: torch.Tensor, group_tokens: torch.Tensor, token_dropout: float
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """GroupViTTokenAssign.forward, with each group's own (projected) token dropped from its output with
+    probability ``token_dropout`` (per image and group; the kept ones are not rescaled)."""
+    if not token_dropout:
+        return assign(image_tokens, group_tokens)
+    group_tokens = assign.norm_tokens(group_tokens)
+    image_tokens = assign.norm_x(image_tokens)
+    projected = assign.norm_post_tokens(assign.mlp_inter(group_tokens))
+    projected = assign.pre_assign_attn(projected, image_tokens)
+    new_tokens, soft = assign.assign(projected, image_tokens)
+    keep = (torch.rand(projected.shape[:2], device=projected.device) >= token_dropout).to(projected.dtype)
+    new_tokens = new_tokens + projected * keep[..., None]
+    new_tokens = assign.mlp_channels(assign.norm_new_x(new_tokens), residual=new_tokens)
+    return new_tokens, soft
+
+
+def vision_forward(model: GroupViTModel, pixel_values: torch.Tensor, token_dropout: float = 0.0
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The vision tower as GroupViTVisionTransformer runs it, also returning the first grouping stage's patch
     tokens (after its layers, before grouping) and the patches' soft assignment to the final groups (the product
-    of the stages' soft maps) -> (last_hidden_state (B, G, C), pooled (B, C), patches (B, N, C), soft (B, G, N))."""
+    of the stages' soft maps) -> (last_hidden_state (B, G, C), pooled (B, C), patches (B, N, C), soft (B, G, N)).
+    ``token_dropout`` (training only): see TrainConfig.group_token_dropout."""
     vision = model.vision_model
     hidden = vision.embeddings(pixel_values)
     prev_groups = None
@@ -184,7 +202,8 @@ def vision_forward(model: GroupViTModel, pixel_values: torch.Tensor
         if stage.downsample is not None:
             if patches is None:
                 patches = image_tokens
-            image_tokens, soft = stage.downsample(image_tokens, group_tokens)
+            image_tokens, soft = _assign_tokens(stage.downsample, image_tokens, group_tokens,
+                                                token_dropout if model.training else 0.0)
             soft_first = soft if soft_first is None else soft @ soft_first
         hidden, prev_groups = image_tokens, group_tokens
     last = vision.layernorm(hidden)
@@ -207,7 +226,7 @@ class TrainingModule(nn.Module):
                 prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, targets: torch.Tensor
                 ) -> Dict[str, torch.Tensor]:
         model, cfg = self.model, self.train_config
-        groups, pooled, patches, soft = vision_forward(model, pixel_values)
+        groups, pooled, patches, soft = vision_forward(model, pixel_values, cfg.group_token_dropout)
         batch, count, hidden = groups.shape
         flat = [groups.reshape(batch * count, hidden), pooled]
         if cfg.pixel_weight:
@@ -527,6 +546,8 @@ VARIANTS: Dict[str, Tuple[Dict[str, Any], Dict[str, Any]]] = {
     "small_pixel_g16": ({"vision_hidden": 64, "depths": (2, 1), "groups": 16}, {"pixel_weight": 1.0}),
     "small_pixel_nogroup": ({"vision_hidden": 64, "depths": (2, 1)}, {"pixel_weight": 1.0, "group_weight": 0.0}),
     "tiny_pixel": ({"vision_hidden": 64, "depths": (1, 1)}, {"pixel_weight": 1.0}),
+    "small_tokdrop": ({"vision_hidden": 64, "depths": (2, 1)}, {"group_token_dropout": 0.5}),
+    "deep_tokdrop": ({"vision_hidden": 64, "depths": (3, 1)}, {"group_token_dropout": 0.5}),
 }
 
 

@@ -193,3 +193,22 @@ def test_builtin_model_loads_in_pytorch():
     assert builtin_class_names() == synthetic.ENTITY_NAMES
     result = tr.evaluate_segmentation(model, count=4)
     assert 0.0 <= result["miou"] <= 1.0
+
+
+def test_group_token_dropout_reimplements_token_assign_exactly():
+    """training._assign_tokens is GroupViTTokenAssign.forward plus the dropout: with nothing dropped it must give
+    the module's own outputs, and with dropout the dropped groups differ from them."""
+    model = GroupViTModel(tr.builtin_model_config(vision_hidden=32, text_hidden=32, depths=(1, 1))).eval()  # no Gumbel
+    stage = next(s for s in model.vision_model.encoder.stages if s.downsample is not None)
+    torch.manual_seed(0)
+    image_tokens = torch.randn(3, 256, 32)
+    group_tokens = torch.randn(3, stage.group_token.shape[1], 32)
+    with torch.no_grad():
+        expected, expected_soft = stage.downsample(image_tokens, group_tokens)
+        same, same_soft = tr._assign_tokens(stage.downsample, image_tokens, group_tokens, 1e-12)
+        dropped, _ = tr._assign_tokens(stage.downsample, image_tokens, group_tokens, 0.9)
+    torch.testing.assert_close(same, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(same_soft, expected_soft)
+    assert (dropped - expected).abs().amax(dim=-1).gt(1e-4).any()
+    with pytest.raises(ValueError, match="group_token_dropout"):
+        tr.TrainConfig(group_token_dropout=1.0).validate()
