@@ -98,7 +98,7 @@ def activation(name: str):
         return plain
 
     def run(x: tf.Tensor) -> tf.Tensor:
-        if not _XLA_ACTIVATIONS:
+        if not _XLA_ACTIVATIONS or tf.executing_eagerly():  # eagerly, compiling would cost more than one call
             return plain(x)
         compiled = _COMPILED_ACTIVATIONS.get(name)
         if compiled is None:
