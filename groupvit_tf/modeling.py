@@ -26,10 +26,10 @@ TensorFlow specifics worth knowing:
   ``get_image_features`` with ``training=False``) checks its inputs eagerly (ValueError as above), then runs a
   ``tf.function`` cached on the model per set of flags, with the batch and the text length dynamic in its input
   signature: the first call of each kind runs eagerly (a one-off call does not pay for tracing), the second
-  traces it (seconds at the default size), later ones skip Python and get TensorFlow's fused kernels. ``model.run_eagerly = True`` (Keras' switch) runs eagerly instead;
-  ``model.jit_compile = True`` compiles the functions with XLA (Keras' "auto" does so on GPU only); on CPU that
-  is 10-20% faster for image and text features at a fixed batch size, but every new input shape compiles again
-  (seconds). Inside the layers q/k/v come from one GEMM, every dense layer is one 2-D MatMul + BiasAdd (the
+  traces it (seconds at the default size), later ones skip Python and get TensorFlow's fused kernels.
+  ``model.run_eagerly = True`` (Keras' switch) runs eagerly instead; ``model.jit_compile = True`` compiles the
+  functions with XLA (Keras' "auto" does so on GPU only); on CPU that is 10-20% faster for image and text
+  features at a fixed batch size, but every new input shape compiles again (seconds). Inside the layers q/k/v come from one GEMM, every dense layer is one 2-D MatMul + BiasAdd (the
   pattern the graph optimizer fuses), and ``get_text_features`` runs the text layers only up to the last
   end-of-text token (``pooled_output``), as the PyTorch twin.
 """
@@ -86,6 +86,7 @@ _ACTIVATIONS = {"quick_gelu": _quick_gelu, "gelu": _gelu, "gelu_new": _gelu_tanh
 # overhead cost more than it saved. Set _XLA_ACTIVATIONS to False, before the first call, where XLA is
 # unavailable.
 _XLA_ACTIVATIONS = True
+_XLA_COMPILED = ("gelu", "gelu_new", "gelu_pytorch_tanh")
 _COMPILED_ACTIVATIONS: Dict[str, Any] = {}
 
 
@@ -94,7 +95,7 @@ def activation(name: str):
     if name not in _ACTIVATIONS:
         raise ValueError(f"unsupported activation {name!r}")
     plain = _ACTIVATIONS[name]
-    if name not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+    if name not in _XLA_COMPILED:
         return plain
 
     def run(x: tf.Tensor) -> tf.Tensor:
@@ -1324,8 +1325,8 @@ def _graph_call(model: keras.Model, name: str, method, tensors: Sequence[Optiona
         functions = {}
         object.__setattr__(model, "_graph_functions", functions)
     function = functions.get(key)
-    if function is None and not jit_compile and key not in model.__dict__.setdefault("_eager_calls", set()):
-        model.__dict__["_eager_calls"].add(key)
+    if key not in functions and not jit_compile:  # first call of this kind: eager, remembered as None
+        functions[key] = None
         return method(*tensors, **flags)
     if function is None:
         def run(*arguments):
