@@ -103,6 +103,27 @@ def prompt_batch(class_names: Sequence[str], rng: Optional[np.random.Generator] 
     return prompts
 
 
+POSITION_INITS: Tuple[str, ...] = ("random", "sincos")
+
+
+def sincos_position_table(rows: int, cols: int, dim: int, temperature: float = 10000.0) -> np.ndarray:
+    """A (rows * cols, dim) float32 2-D sine-cosine position table (row-major patches, as the vision tower orders
+    them): the first half of the channels encodes the row, the second half the column, each as sin and cos of
+    ``dim / 4`` geometric frequencies (MAE's ``get_2d_sincos_pos_embed``). ``dim`` must be a multiple of 4."""
+    if dim % 4 or dim <= 0:
+        raise ValueError(f"a 2-D sine-cosine table needs a positive dim divisible by 4, got {dim}")
+    if rows < 1 or cols < 1:
+        raise ValueError(f"grid must be at least 1x1, got {rows}x{cols}")
+    omega = 1.0 / temperature ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
+
+    def encode(positions: np.ndarray) -> np.ndarray:
+        angles = positions[:, None] * omega[None, :]
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    row, col = np.meshgrid(np.arange(rows, dtype=np.float64), np.arange(cols, dtype=np.float64), indexing="ij")
+    return np.concatenate([encode(row.ravel()), encode(col.ravel())], axis=1).astype(np.float32)
+
+
 @dataclass
 class TrainConfig:
     """Hyper-parameters of a training run (all JSON-serialisable)."""
@@ -122,9 +143,17 @@ class TrainConfig:
     multilabel_weight: float = 1.0
     group_weight: float = 1.0
     pixel_weight: float = 0.0
+    # text-only: push the class prompts' embeddings apart (log-mean-exp of their pairwise cosines at
+    # ``prompt_uniformity_temperature``), so that prompts differing in one word ("red circle", "red square") cannot
+    # collapse onto one embedding while the image tower is still blind to that word
+    prompt_uniformity_weight: float = 0.0
+    prompt_uniformity_temperature: float = 5.0
     # training only: probability that a group's own token is dropped from its output (which then comes from its
     # assigned pixels alone), so that a group cannot name an entity without owning its pixels
     group_token_dropout: float = 0.0
+    # initial vision position table: "random" (the reference's normal init) or "sincos" (2-D sine-cosine, as in
+    # MAE: neighbouring patches start out with similar positions, so attention can look locally from step 0)
+    position_init: str = "random"
     gumbel: bool = True
     preset: str = "imagenet"
     grad_clip: float = 1.0
@@ -148,6 +177,8 @@ class TrainConfig:
             raise ValueError(f"group_token_dropout must be in [0, 1), got {self.group_token_dropout}")
         if self.lr <= 0 or self.min_lr < 0 or self.weight_decay < 0 or self.warmup_steps < 0:
             raise ValueError("lr must be positive; min_lr, weight_decay and warmup_steps non-negative")
+        if self.position_init not in POSITION_INITS:
+            raise ValueError(f"position_init must be one of {', '.join(POSITION_INITS)}, got {self.position_init!r}")
         from .image import NORMALIZATION_PRESETS
 
         if self.preset not in NORMALIZATION_PRESETS:

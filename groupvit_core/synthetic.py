@@ -251,10 +251,10 @@ class TrainingData:
             raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(NORMALIZATION_PRESETS)}")
         if pool_size < 1:
             raise ValueError(f"pool_size must be positive, got {pool_size}")
-        mean, std = (np.asarray(v, np.float32) for v in NORMALIZATION_PRESETS[preset])
+        self._mean, self._std = (np.asarray(v, np.float32) for v in NORMALIZATION_PRESETS[preset])
         scenes = list(iter_scenes(split, pool_size, size=image_size, max_objects=max_objects))
-        images = np.stack([s.image for s in scenes]).astype(np.float32) / 255.0
-        self.pixels = np.ascontiguousarray(((images - mean) / std).transpose(0, 3, 1, 2), dtype=np.float32)
+        # kept as uint8 (a quarter of float32's memory: large pools fit) and normalised per batch
+        self.images = np.stack([s.image for s in scenes])
         self.captions = [s.caption for s in scenes]
         self.class_names = list(class_names)
         entities = [losses.parse_entities(c, self.class_names) for c in self.captions]
@@ -274,6 +274,11 @@ class TrainingData:
     def __len__(self) -> int:
         return len(self.captions)
 
+    def pixels(self, index) -> np.ndarray:
+        """Scenes ``index`` normalised for the model: (n, 3, H, W) float32."""
+        images = self.images[index].astype(np.float32) / 255.0
+        return np.ascontiguousarray(((images - self._mean) / self._std).transpose(0, 3, 1, 2), dtype=np.float32)
+
     def numpy_batch(self, step: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         """dict of numpy: pixel_values, input_ids, attention_mask (this process' images and captions),
         prompt_ids, prompt_mask (one prompt per class, template drawn per step) and targets (multi-hot)."""
@@ -283,7 +288,7 @@ class TrainingData:
         index = np.array_split(index, world_size)[rank]
         classes = np.arange(len(self.class_names))
         return dict(
-            pixel_values=self.pixels[index],
+            pixel_values=self.pixels(index),
             input_ids=self.caption_ids[index],
             attention_mask=self.caption_mask[index],
             prompt_ids=self.prompt_ids[template, classes],

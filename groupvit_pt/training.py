@@ -131,6 +131,15 @@ def group_loss(group_embeds: torch.Tensor, prompt_embeds: torch.Tensor, targets:
     return 0.5 * (coverage + purity)
 
 
+def prompt_uniformity_loss(prompt_embeds: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log mean_{i != j} exp(t * cos(p_i, p_j)) over the class prompts (normalised embeddings), divided by t:
+    a soft maximum of the pairwise similarities, so the closest pairs are pushed apart hardest."""
+    count = prompt_embeds.shape[0]
+    sims = prompt_embeds @ prompt_embeds.t()
+    off = ~torch.eye(count, dtype=torch.bool, device=sims.device)
+    return (torch.logsumexp(temperature * sims[off], dim=0) - math.log(count * (count - 1))) / temperature
+
+
 def pixel_group_loss(pixel_embeds: torch.Tensor, group_embeds: torch.Tensor, prompt_embeds: torch.Tensor,
                      targets: torch.Tensor, scale: torch.Tensor, nonempty: torch.Tensor) -> torch.Tensor:
     """The group loss on what each group's pixels alone say (mean of its hard-assigned patch tokens), plus a
@@ -210,6 +219,20 @@ def vision_forward(model: GroupViTModel, pixel_values: torch.Tensor, token_dropo
     return last, last.mean(dim=1), patches, soft_first
 
 
+def init_positions(model: GroupViTModel, kind: str) -> None:
+    """Set the vision position table's initial values: "random" leaves the model's own init, "sincos" writes
+    groupvit_core.losses.sincos_position_table (still trained afterwards)."""
+    if kind == "random":
+        return
+    if kind != "sincos":
+        raise ValueError(f"position_init must be one of {', '.join(core_losses.POSITION_INITS)}, got {kind!r}")
+    table = model.vision_model.embeddings.position_embeddings
+    grid = int(round(math.sqrt(table.shape[1])))
+    values = core_losses.sincos_position_table(grid, grid, table.shape[2])
+    with torch.no_grad():
+        table.copy_(torch.from_numpy(values)[None])
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
@@ -252,13 +275,16 @@ class TrainingModule(nn.Module):
             if cfg.multilabel_weight else zero,
             "group": group_loss(group_embeds, prompt_embeds, targets, scale) if cfg.group_weight else zero,
             "pixel": zero,
+            "uniformity": prompt_uniformity_loss(prompt_embeds, cfg.prompt_uniformity_temperature)
+            if cfg.prompt_uniformity_weight else zero,
         }
         if cfg.pixel_weight:
             pixel_embeds = normalize(projected[batch * count + batch:]).reshape(batch, count, -1)
             parts["pixel"] = pixel_group_loss(pixel_embeds, group_embeds, prompt_embeds, targets, scale,
                                               sizes > 0)
         parts["loss"] = (cfg.contrastive_weight * parts["contrastive"] + cfg.multilabel_weight * parts["multilabel"]
-                         + cfg.group_weight * parts["group"] + cfg.pixel_weight * parts["pixel"])
+                         + cfg.group_weight * parts["group"] + cfg.pixel_weight * parts["pixel"]
+                         + cfg.prompt_uniformity_weight * parts["uniformity"])
         return parts
 
 
@@ -548,6 +574,13 @@ VARIANTS: Dict[str, Tuple[Dict[str, Any], Dict[str, Any]]] = {
     "tiny_pixel": ({"vision_hidden": 64, "depths": (1, 1)}, {"pixel_weight": 1.0}),
     "small_tokdrop": ({"vision_hidden": 64, "depths": (2, 1)}, {"group_token_dropout": 0.5}),
     "deep_tokdrop": ({"vision_hidden": 64, "depths": (3, 1)}, {"group_token_dropout": 0.5}),
+    "small_sincos": ({"vision_hidden": 64, "depths": (2, 1)}, {"position_init": "sincos"}),
+    "small_unif": ({"vision_hidden": 64, "depths": (2, 1)}, {"prompt_uniformity_weight": 1.0}),
+    "unif_pool": ({"vision_hidden": 64, "depths": (2, 1)}, {"prompt_uniformity_weight": 1.0, "pool_size": 40000}),
+    "unif_pool_p8": ({"vision_hidden": 64, "depths": (2, 1), "patch_size": 8},
+                     {"prompt_uniformity_weight": 1.0, "pool_size": 40000}),
+    "small_unif10": ({"vision_hidden": 64, "depths": (2, 1)}, {"prompt_uniformity_weight": 1.0,
+                                                                "prompt_uniformity_temperature": 10.0}),
 }
 
 
@@ -569,6 +602,7 @@ def train_synthetic(out: str, variant: str = "small", time_budget: Optional[floa
     config = TrainConfig.from_dict(options)
     torch.manual_seed(config.seed)
     model = GroupViTModel(builtin_model_config(**arch))
+    init_positions(model, config.position_init)
     os.makedirs(out, exist_ok=True)
     log_file = open(os.path.join(out, "log.txt"), "a", encoding="utf-8")
 

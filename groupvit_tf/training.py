@@ -64,6 +64,15 @@ def group_loss(group_embeds, prompt_embeds, targets, scale) -> tf.Tensor:
     return 0.5 * (coverage + purity)
 
 
+def prompt_uniformity_loss(prompt_embeds, temperature: float) -> tf.Tensor:
+    """Mirror of groupvit_pt.training.prompt_uniformity_loss: log-mean-exp of the prompts' pairwise cosines."""
+    count = prompt_embeds.shape[0] or tf.shape(prompt_embeds)[0]
+    sims = tf.matmul(prompt_embeds, prompt_embeds, transpose_b=True)
+    off = tf.logical_not(tf.eye(count, dtype=tf.bool))
+    pairs = tf.cast(count * (count - 1), sims.dtype)
+    return (tf.reduce_logsumexp(temperature * tf.boolean_mask(sims, off)) - tf.math.log(pairs)) / temperature
+
+
 def pixel_group_loss(pixel_embeds, group_embeds, prompt_embeds, targets, scale, nonempty) -> tf.Tensor:
     logits = scale * tf.einsum("bgd,cd->bgc", pixel_embeds, prompt_embeds)
     log_p = tf.nn.log_softmax(logits, axis=-1)
@@ -119,7 +128,8 @@ def vision_forward(model: TFGroupViTModel, pixel_values: tf.Tensor, training: bo
 def compute_losses(model: TFGroupViTModel, batch: Mapping[str, Any], config: Any,
                    training: bool = True) -> Dict[str, tf.Tensor]:
     """The training losses of one batch (keys of BATCH_KEYS) under ``config`` (a groupvit_pt-style TrainConfig
-    or any object with contrastive_weight, multilabel_weight, group_weight, pixel_weight)."""
+    or any object with contrastive_weight, multilabel_weight, group_weight; pixel_weight and
+    prompt_uniformity_weight/_temperature are optional)."""
     pixel_values = tf.convert_to_tensor(batch["pixel_values"], tf.float32)
     targets = tf.convert_to_tensor(batch["targets"], tf.float32)
     groups, pooled, patches, soft = vision_forward(model, pixel_values, training)
@@ -151,12 +161,18 @@ def compute_losses(model: TFGroupViTModel, batch: Mapping[str, Any], config: Any
         if config.multilabel_weight else zero,
         "group": group_loss(group_embeds, prompt_embeds, targets, scale) if config.group_weight else zero,
         "pixel": zero,
+        "uniformity": zero,
     }
+    uniformity_weight = float(getattr(config, "prompt_uniformity_weight", 0.0))
+    if uniformity_weight:
+        parts["uniformity"] = prompt_uniformity_loss(prompt_embeds,
+                                                     float(getattr(config, "prompt_uniformity_temperature", 5.0)))
     if pixel_weight:
         pixel_embeds = tf.reshape(normalize(projected[n_groups + batch_size:]), [batch_size, count, -1])
         parts["pixel"] = pixel_group_loss(pixel_embeds, group_embeds, prompt_embeds, targets, scale, sizes > 0)
     parts["loss"] = (config.contrastive_weight * parts["contrastive"] + config.multilabel_weight * parts["multilabel"]
-                     + config.group_weight * parts["group"] + pixel_weight * parts["pixel"])
+                     + config.group_weight * parts["group"] + pixel_weight * parts["pixel"]
+                     + uniformity_weight * parts["uniformity"])
     return parts
 
 

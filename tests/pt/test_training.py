@@ -52,6 +52,52 @@ def test_losses_match_numpy():
     assert got == pytest.approx(0.5 * (coverage + purity), rel=1e-10)
 
 
+def test_prompt_uniformity_loss_matches_numpy_and_pushes_close_prompts_apart():
+    rng = np.random.default_rng(1)
+    prompts = _unit(rng, 5, 8)
+    prompts[1] = prompts[0] + 0.05 * prompts[1]  # a near-duplicate pair
+    prompts /= np.linalg.norm(prompts, axis=-1, keepdims=True)
+    t = 5.0
+    sims = prompts @ prompts.T
+    off = sims[~np.eye(5, dtype=bool)]
+    expected = (np.log(np.mean(np.exp(t * off)))) / t
+    p = torch.tensor(prompts, dtype=torch.float64, requires_grad=True)
+    loss = tr.prompt_uniformity_loss(p, t)
+    assert float(loss) == pytest.approx(expected, rel=1e-10)
+    loss.backward()
+    # the near-duplicates get the largest gradients, and a small step separates them
+    norms = p.grad.norm(dim=-1).numpy()
+    assert set(np.argsort(-norms)[:2]) == {0, 1}
+    moved = p.detach() - 0.1 * p.grad
+    moved = moved / moved.norm(dim=-1, keepdim=True)
+    assert float(moved[0] @ moved[1]) < sims[0, 1]
+
+
+def test_sincos_position_init():
+    from groupvit_core.losses import sincos_position_table
+
+    table = sincos_position_table(4, 4, 8)
+    assert table.shape == (16, 8) and table.dtype == np.float32
+    # row-major patches: the first half of the channels depends on the row only, the second on the column only
+    grid = table.reshape(4, 4, 8)
+    np.testing.assert_array_equal(grid[:, 0, :4], grid[:, 3, :4])
+    np.testing.assert_array_equal(grid[0, :, 4:], grid[3, :, 4:])
+    # lowest frequency is 1: sin/cos of the row index itself
+    np.testing.assert_allclose(grid[:, 0, 0], np.sin(np.arange(4)), atol=1e-6)
+    np.testing.assert_allclose(grid[0, :, 6], np.cos(np.arange(4)), atol=1e-6)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_position_table(4, 4, 6)
+    model = GroupViTModel(tr.builtin_model_config(vision_hidden=64, depths=(1, 1), image_size=32))
+    before = model.vision_model.embeddings.position_embeddings.detach().clone()
+    tr.init_positions(model, "random")
+    assert torch.equal(before, model.vision_model.embeddings.position_embeddings)
+    tr.init_positions(model, "sincos")
+    np.testing.assert_array_equal(model.vision_model.embeddings.position_embeddings[0].detach().numpy(),
+                                  sincos_position_table(8, 8, 64))
+    with pytest.raises(ValueError, match="position_init"):
+        tr.TrainConfig(position_init="learned").validate()
+
+
 def test_learning_rate_schedule():
     cfg = tr.TrainConfig(steps=110, warmup_steps=10, lr=1.0, min_lr=0.0)
     assert tr.learning_rate(0, cfg) == pytest.approx(0.1)

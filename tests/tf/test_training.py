@@ -44,7 +44,7 @@ def test_loss_and_gradients_equal_pytorch(data):
 
     config = test_config("small")
     state = random_weights(config, seed=3)
-    cfg = _config(pixel_weight=0.5)
+    cfg = _config(pixel_weight=0.5, prompt_uniformity_weight=0.7, prompt_uniformity_temperature=6.0)
     batch = data.numpy_batch(0, 4, seed=0)
 
     pt_model = GroupViTModel(config)
@@ -62,7 +62,7 @@ def test_loss_and_gradients_equal_pytorch(data):
         tf_parts = tft.compute_losses(tf_model, batch, cfg, training=True)
     grads = tape.gradient(tf_parts["loss"], list(trainable.values()))
 
-    for key in ("contrastive", "multilabel", "group", "pixel", "loss"):
+    for key in ("contrastive", "multilabel", "group", "pixel", "uniformity", "loss"):
         np.testing.assert_allclose(float(tf_parts[key]), float(pt_parts[key].detach()), rtol=2e-5, atol=2e-5, err_msg=key)
     specs = {spec.name: spec for spec in weight_specs(config)}
     largest = max(float(np.abs(g).max()) for g in pt_grads.values())
