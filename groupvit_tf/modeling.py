@@ -109,6 +109,37 @@ def activation(name: str):
     return run
 
 
+# The vision tower's unmasked attention core (split heads, scaled scores, softmax, weighted sum, merge heads),
+# compiled by XLA inside graphs: TensorFlow has no fused attention kernel on CPU. Measured A/B in one process
+# (default size, 2 CPU threads): image features of 16 images 1690 -> 1560 ms, the full forward with segmentation
+# of 4 images x 8 texts 582 -> 540 ms, outputs within 2e-5. Masked (text) and causal attention stay as they are.
+_XLA_ATTENTION = True
+_COMPILED_ATTENTION: Dict[Tuple[int, int], Any] = {}
+
+
+def _attention_core(query: tf.Tensor, key: tf.Tensor, value: tf.Tensor, heads: int, hidden: int) -> tf.Tensor:
+    # hidden is passed in: with reduce_retracing the traced shapes may be fully unknown
+    batch, queries = tf.shape(query)[0], tf.shape(query)[1]
+    head_dim = hidden // heads
+
+    def split(tensor):
+        tensor = tf.reshape(tensor, [batch, tf.shape(tensor)[1], heads, head_dim])
+        return tf.transpose(tensor, [0, 2, 1, 3])
+
+    scores = tf.matmul(split(query * head_dim ** -0.5), split(key), transpose_b=True)
+    output = tf.matmul(tf.nn.softmax(scores, axis=-1), split(value))
+    return tf.reshape(tf.transpose(output, [0, 2, 1, 3]), [batch, queries, hidden])
+
+
+def _compiled_attention(heads: int, hidden: int):
+    compiled = _COMPILED_ATTENTION.get((heads, hidden))
+    if compiled is None:
+        compiled = _COMPILED_ATTENTION[(heads, hidden)] = tf.function(
+            lambda query, key, value: _attention_core(query, key, value, heads, hidden), jit_compile=True,
+            reduce_retracing=True)
+    return compiled
+
+
 def _first_max_one_hot(values: tf.Tensor, axis: int) -> tf.Tensor:
     # One-hot of the maximum along `axis`; exact ties go to the LOWEST index, as torch.max does.
     is_max = tf.equal(values, tf.reduce_max(values, axis=axis, keepdims=True))
@@ -210,6 +241,10 @@ class TFGroupViTAttention(keras.layers.Layer):
         else:
             query = _linear(hidden_states, self.q_proj.kernel, self.q_proj.bias)
             key, value = self._project(encoder_hidden_states, (self.k_proj, self.v_proj))
+        if (_XLA_ATTENTION and attention_mask is None and not causal and not output_attentions
+                and not (training and self._dropout > 0) and not tf.executing_eagerly()):
+            output = _compiled_attention(self._num_heads, self._hidden_size)(query, key, value)
+            return _linear(output, self.out_proj.kernel, self.out_proj.bias, residual), None
         query = self._split_heads(query * self._scale)
         key = self._split_heads(key)
         value = self._split_heads(value)
