@@ -7,8 +7,8 @@ class over the 13 prompts "a photo of a {name}."), each object (shape) is follow
 most of its patches ("its group"), and the script reports: how much of the shape that group holds, how much of
 that group is ground, how often some group / its group is named as the shape, what its group is named instead
 (a ground, the same colour with another shape, the same shape in another colour, other), and how often the shape
-is among the image-level top-5 classes (the segmentation protocol's candidate filter). MODEL_DIR defaults to the
-built-in model.
+is among the image-level top-5 classes (the segmentation protocol's candidate filter), and how similar the text
+embeddings of same-colour, different-shape prompts are. MODEL_DIR defaults to the built-in model.
 """
 
 from __future__ import annotations
@@ -90,6 +90,13 @@ def main(argv=None) -> int:
     print(f"some group is named as the shape: {np.mean(named_any):.2f}; its own group is: {np.mean(named_own):.2f}")
     print("its group is named: " + ", ".join(f"{k} {v / total:.2f}" for k, v in instead.most_common()))
     print(f"the shape is among the image-level top-5 classes: {np.mean(in_top5):.2f}")
+    # Can the text side tell the shapes apart at all? Cosine between prompts of one colour, different shapes
+    # (near 1: the text tower has collapsed them, and no image feature can pick one over the other).
+    objects = [i for i, name in enumerate(names) if " " in name]
+    pairs = [(i, j) for i in objects for j in objects
+             if i < j and names[i].split()[0] == names[j].split()[0]]
+    same_colour = np.mean([texts[i] @ texts[j] for i, j in pairs])
+    print(f"text: cosine of same-colour, different-shape prompts (mean of {len(pairs)} pairs): {same_colour:.2f}")
     return 0
 
 

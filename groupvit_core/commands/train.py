@@ -16,7 +16,8 @@ import sys
 from typing import List, Optional
 
 EPILOG = """examples:
-  groupvit train --output runs/builtin --time-budget 1750            # the built-in recipe on a CPU
+  groupvit train --output runs/builtin                                # the built-in recipe (2500 steps)
+  groupvit train --output runs/quick --time-budget 600                # shortened to fit 10 minutes
   groupvit train --output runs/builtin --resume                       # continue from runs/builtin/checkpoint
   torchrun --nproc_per_node 2 -m groupvit_core train --output runs/ddp --steps 200
 """
@@ -27,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.add_argument("--output", "--out", dest="output", required=True, metavar="DIR",
                         help="run directory (model/, checkpoint/, result.json, log.txt)")
-    parser.add_argument("--variant", default="small", help="recipe name (default: small, the built-in's)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 2000)")
+    parser.add_argument("--variant", default="unif_pool", help="recipe name (default: unif_pool, the built-in's)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's, 2500)")
     parser.add_argument("--batch-size", type=int, default=None, help="global batch (default 64)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3)")
     parser.add_argument("--seed", type=int, default=None, help="seed (default 0)")
