@@ -177,6 +177,9 @@ class TrainConfig:
             raise ValueError(f"group_token_dropout must be in [0, 1), got {self.group_token_dropout}")
         if self.lr <= 0 or self.min_lr < 0 or self.weight_decay < 0 or self.warmup_steps < 0:
             raise ValueError("lr must be positive; min_lr, weight_decay and warmup_steps non-negative")
+        if self.prompt_uniformity_weight < 0 or self.prompt_uniformity_temperature <= 0:
+            raise ValueError("prompt_uniformity_weight must be non-negative and prompt_uniformity_temperature "
+                             f"positive, got {self.prompt_uniformity_weight} and {self.prompt_uniformity_temperature}")
         if self.position_init not in POSITION_INITS:
             raise ValueError(f"position_init must be one of {', '.join(POSITION_INITS)}, got {self.position_init!r}")
         from .image import NORMALIZATION_PRESETS

@@ -71,6 +71,8 @@ def test_prompt_uniformity_loss_matches_numpy_and_pushes_close_prompts_apart():
     moved = p.detach() - 0.1 * p.grad
     moved = moved / moved.norm(dim=-1, keepdim=True)
     assert float(moved[0] @ moved[1]) < sims[0, 1]
+    with pytest.raises(ValueError, match="prompt_uniformity_temperature"):
+        tr.TrainConfig(prompt_uniformity_weight=1.0, prompt_uniformity_temperature=0.0).validate()
 
 
 def test_sincos_position_init():
