@@ -405,14 +405,19 @@ def test_h5_without_layer_names_or_not_h5(tmp_path):
         ck.read_h5(text)
 
 
-def test_h5_duplicate_keys_after_stripping(tmp_path):
-    path = tmp_path / "dup.h5"
+def write_duplicate_key_h5(path):
+    """A Keras h5 whose two weights both map to the key 'w' once their scopes are stripped."""
     with h5py.File(path, "w") as handle:
         handle.attrs["layer_names"] = [b"groupvit"]
         group = handle.create_group("groupvit")
         group.attrs["weight_names"] = [b"a/groupvit/w:0", b"b/groupvit/w:0"]
         group["a/groupvit/w:0"] = np.zeros(1, np.float32)
         group["b/groupvit/w:0"] = np.zeros(1, np.float32)
+
+
+def test_h5_duplicate_keys_after_stripping(tmp_path):
+    path = tmp_path / "dup.h5"
+    write_duplicate_key_h5(path)
     with pytest.raises(ValueError, match="duplicate weight 'w'"):
         ck.read_h5(path)
 

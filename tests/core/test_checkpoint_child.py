@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from groupvit_core import checkpoint as ck
+from tests.core.test_checkpoint import write_duplicate_key_h5
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GOLDEN = os.path.join(ROOT, "tests", "golden", "ckpt_tiny")
@@ -79,12 +80,7 @@ def test_child_keeps_dtypes_shapes_and_byte_order(tmp_path, private_tmp):
 
 def test_parser_errors_come_back_with_their_type_and_message(tmp_path, private_tmp):
     duplicate = tmp_path / "dup.h5"
-    with h5py.File(duplicate, "w") as handle:
-        handle.attrs["layer_names"] = [b"groupvit"]
-        group = handle.create_group("groupvit")
-        group.attrs["weight_names"] = [b"a/groupvit/w:0", b"b/groupvit/w:0"]
-        group["a/groupvit/w:0"] = np.zeros(1, np.float32)
-        group["b/groupvit/w:0"] = np.zeros(1, np.float32)
+    write_duplicate_key_h5(duplicate)
     plain = tmp_path / "plain.h5"
     with h5py.File(plain, "w") as handle:
         handle["x"] = np.zeros(3)
