@@ -3,7 +3,7 @@
 Maintainer script, run by hand on a machine with a GPU (never as a test):
 
     python tools/bench_gpu.py [--dtypes float32 bfloat16] [--workloads 1 2 3 3b 4b] [--repeats 20]
-                              [--compile] [--write PATH]
+                              [--compile] [--write PATH] [--device cpu]   # cpu: a dry run of the script
 
 Same checkpoint, inputs, workloads and FLOP counts as tools/bench.py (workload 4, our NVlabs segmenter, and
 workload 5, loading, are CPU-side stories and are left out). The reference is ``transformers.GroupViTModel`` when
@@ -38,6 +38,7 @@ os.environ.setdefault("USE_TF", "0")
 def _bench_module():
     spec = importlib.util.spec_from_file_location("groupvit_bench", os.path.join(ROOT, "tools", "bench.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
     return module
 
@@ -81,9 +82,15 @@ def _features(result: Any) -> Any:
     return result if hasattr(result, "float") else result.pooler_output
 
 
-def _time(fn: Callable[[], Any]) -> float:
+def _time(fn: Callable[[], Any], cuda: bool = True) -> float:
+    import time
+
     import torch
 
+    if not cuda:  # --device cpu: a dry run of the script, wall clock
+        start_time = time.perf_counter()
+        fn()
+        return time.perf_counter() - start_time
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
@@ -101,22 +108,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
     parser.add_argument("--write", metavar="PATH", help="write the markdown report to PATH")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: a dry run of the script without a GPU (timings are not the table's)")
     args = parser.parse_args(argv)
 
     import torch
 
-    if not torch.cuda.is_available():
-        print("no CUDA device: nothing to measure")
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        print("no CUDA device: nothing to measure (--device cpu runs the script as a dry run)")
         return 1
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    device = torch.device("cuda")
+    device = torch.device(args.device)
+    matmul_size = MATMUL_SIZE if cuda else 1024
+    timer = lambda fn: _time(fn, cuda)  # noqa: E731
     try:
         import transformers
 
         reference_class = getattr(transformers, "GroupViTModel", None)
         reference_version = transformers.__version__
-    except ImportError:
+    except Exception as error:  # not installed, or an install that does not import: run ours alone
+        print(f"reference not available: {error!r}")
         reference_class, reference_version = None, None
 
     from groupvit_pt import GroupViTModel
@@ -124,9 +137,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     lines = [
         f"GPU run {datetime.datetime.now():%Y-%m-%d %H:%M}: `python tools/bench_gpu.py {' '.join(argv or sys.argv[1:])}`",
         "",
-        f"- GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; reference: "
+        f"- GPU: {torch.cuda.get_device_name() if cuda else 'none (--device cpu dry run)'}; "
+        f"torch {torch.__version__}; reference: "
         + (f"transformers {reference_version}" if reference_class is not None else "not available (skipped)"),
-        f"- medians of {args.repeats} interleaved rounds after {args.warmup} warm-up rounds (CUDA events)",
+        f"- medians of {args.repeats} interleaved rounds after {args.warmup} warm-up rounds "
+        + ("(CUDA events)" if cuda else "(wall clock)"),
         "",
         "| dtype | workload | GFLOP | reference | ours | ours / ref | ref % matmul | ours % matmul | max abs diff |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
@@ -137,9 +152,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         flops = bench.workload_flops(config, inputs)
         for dtype_name in args.dtypes:
             dtype = getattr(torch, dtype_name)
-            a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device, dtype=dtype)
-            b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device, dtype=dtype)
-            probe = lambda: 2 * MATMUL_SIZE ** 3 / _time(lambda: torch.mm(a, b)) / 1e9  # noqa: E731
+            a = torch.randn(matmul_size, matmul_size, device=device, dtype=dtype)
+            b = torch.randn(matmul_size, matmul_size, device=device, dtype=dtype)
+            probe = lambda: 2 * matmul_size ** 3 / timer(lambda: torch.mm(a, b)) / 1e9  # noqa: E731
             probe()
             ours_model = GroupViTModel.from_pretrained(ckpt).to(device=device, dtype=dtype)
             implementations = {"ours": _workloads(ours_model, inputs, True, device, dtype)}
@@ -158,7 +173,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     for round_index in range(args.warmup + args.repeats):
                         keys = list(implementations)
                         for key in keys if round_index % 2 == 0 else reversed(keys):
-                            elapsed = _time(implementations[key][name])
+                            elapsed = timer(implementations[key][name])
                             if round_index >= args.warmup:
                                 samples[key].append(elapsed)
                         if round_index >= args.warmup:
@@ -175,9 +190,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                            f"| {100 * flops[name] / medians[key] / 1e9 / ceiling:.1f}% | {diff:.1e} |")
                     print(row, flush=True)
                     lines.append(row)
-            lines.append(f"| {dtype_name} | matmul {MATMUL_SIZE}^3 | | | | | {ceiling / 1e3:.0f} TFLOP/s | | |")
+            lines.append(f"| {dtype_name} | matmul {matmul_size}^3 | | | | | {ceiling / 1e3:.0f} TFLOP/s | | |")
             del implementations, ours_model
-            torch.cuda.empty_cache()
+            if cuda:
+                torch.cuda.empty_cache()
     text = "\n".join(lines) + "\n"
     print()
     print(text)
