@@ -158,8 +158,12 @@ class TrainConfig:
     preset: str = "imagenet"
     grad_clip: float = 1.0
     checkpoint_every: int = 500
-    eval_every: int = 0  # 0: only at the end
+    # mIoU on ``eval_count`` scenes of the validation split every ``eval_every`` steps (0: never); with
+    # ``keep_best`` the run ends on the weights of the best of those evaluations (early stopping on the
+    # validation split; the test split is never used to choose)
+    eval_every: int = 0
     eval_count: int = 100
+    keep_best: bool = False
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "TrainConfig":
@@ -180,6 +184,11 @@ class TrainConfig:
         if self.prompt_uniformity_weight < 0 or self.prompt_uniformity_temperature <= 0:
             raise ValueError("prompt_uniformity_weight must be non-negative and prompt_uniformity_temperature "
                              f"positive, got {self.prompt_uniformity_weight} and {self.prompt_uniformity_temperature}")
+        if self.keep_best and int(self.eval_every) < 1:
+            raise ValueError("keep_best needs eval_every > 0 (the validation evaluations it chooses from)")
+        if int(self.eval_every) < 0 or int(self.eval_count) < 1:
+            raise ValueError(f"eval_every must be non-negative and eval_count positive, got {self.eval_every} and "
+                             f"{self.eval_count}")
         if self.position_init not in POSITION_INITS:
             raise ValueError(f"position_init must be one of {', '.join(POSITION_INITS)}, got {self.position_init!r}")
         from .image import NORMALIZATION_PRESETS

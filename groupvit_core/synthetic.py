@@ -7,7 +7,8 @@ The mask is for evaluation only: training sees the image and the caption (and th
 caption, see ``groupvit_core.losses``).
 
 Everything is seeded: scene ``i`` of a split is drawn from ``numpy.random.default_rng([SPLIT_SEEDS[split], i])``,
-and the train and test splits use different root seeds, so they never share a scene seed.
+and the train, validation ("val", used to pick a checkpoint during training) and test splits use different root
+seeds, so they never share a scene seed.
 
 Labels (``CLASS_NAMES``): 0 is "background" (kept for the VOC layout, never used by a mask: every pixel is one of
 the named backgrounds or objects), then the backgrounds, then the objects. ``write_voc_split`` exports a split in
@@ -41,7 +42,7 @@ COLOR_RGB = {
     "yellow": (240, 215, 40),
 }
 
-SPLIT_SEEDS = {"train": 1_000_003, "test": 2_000_003, "demo": 3_000_017}
+SPLIT_SEEDS = {"train": 1_000_003, "test": 2_000_003, "demo": 3_000_017, "val": 4_000_037}
 DEFAULT_SIZE = 64
 
 
@@ -204,7 +205,7 @@ def scene_rng(split: str, index: int) -> np.random.Generator:
 
 
 def generate(split: str, index: int, size: int = DEFAULT_SIZE, max_objects: int = 3) -> Scene:
-    """Scene ``index`` of ``split`` ('train', 'test' or 'demo'); the same arguments always give the same scene."""
+    """Scene ``index`` of ``split`` ('train', 'val', 'test' or 'demo'); the same arguments always give the same scene."""
     if size < 16:
         raise ValueError(f"image size must be at least 16 px, got {size}")
     if max_objects < 0:

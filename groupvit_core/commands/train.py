@@ -34,7 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3)")
     parser.add_argument("--seed", type=int, default=None, help="seed (default 0)")
     parser.add_argument("--pool-size", type=int, default=None, help="training scenes generated (default 4000)")
-    parser.add_argument("--eval-every", type=int, default=None, help="measure mIoU every N steps (default: end)")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="validation mIoU every N steps (default: the recipe's; 0: none)")
+    parser.add_argument("--keep-best", action="store_true", default=None,
+                        help="end on the weights of the best validation evaluation (needs --eval-every)")
     parser.add_argument("--eval-count", type=int, default=200, help="test scenes for the final mIoU")
     parser.add_argument("--time-budget", type=float, default=None, metavar="S",
                         help="shorten the schedule to what fits in S seconds")
@@ -85,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     result = train_synthetic(args.output, args.variant, time_budget=args.time_budget, eval_count=args.eval_count,
                              device=args.device, resume=args.resume, progress=not args.quiet,
                              evaluate=not args.no_eval, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                             seed=args.seed, pool_size=args.pool_size, eval_every=args.eval_every)
+                             seed=args.seed, pool_size=args.pool_size, eval_every=args.eval_every,
+                             keep_best=args.keep_best)
     if "miou" in result:
         print(f"mIoU {result['miou']['miou']:.4f} (patch-level ablation {result['miou_patch_ablation']['miou']:.4f}, "
               f"random weights {result['miou_random_weights']['miou']:.4f}) on {args.eval_count} test scenes")

@@ -17,7 +17,10 @@ def test_scenes_are_seeded_and_splits_differ():
     assert a.caption == b.caption
     test = synthetic.generate("test", 3)
     assert not np.array_equal(a.image, test.image)
-    assert synthetic.SPLIT_SEEDS["train"] != synthetic.SPLIT_SEEDS["test"]
+    val = synthetic.generate("val", 3)
+    assert not np.array_equal(val.image, test.image) and not np.array_equal(val.image, a.image)
+    seeds = list(synthetic.SPLIT_SEEDS.values())
+    assert len(set(seeds)) == len(seeds)  # no two splits share a root seed, so no scene seed either
 
 
 @pytest.mark.parametrize("index", range(12))
@@ -75,7 +78,7 @@ def test_voc_export_reads_back(tmp_path):
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown split"):
-        synthetic.generate("val", 0)
+        synthetic.generate("validation", 0)
     with pytest.raises(ValueError, match="non-negative"):
         synthetic.generate("train", -1)
     with pytest.raises(ValueError, match="at least 16"):

@@ -1,6 +1,7 @@
 """PyTorch training: the losses against direct numpy formulas, the schedule, determinism, checkpoint/resume,
 data-parallel over two gloo processes, the evaluation hook and the shipped built-in model."""
 
+import json
 import math
 import os
 
@@ -179,6 +180,60 @@ def test_checkpoint_and_resume_match_a_continuous_run(tmp_path, tokenizer, data)
     torch.testing.assert_close(loaded.logit_scale, resumed.model.logit_scale)
 
 
+def _state_equal(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _eval_recorder(trainer, seen):
+    """on_eval callback: the weights and validation mIoU of each evaluation, as the trainer saw them."""
+    return lambda step, result: seen.append((step, result["miou"], _weights(trainer.model)))
+
+
+def test_keep_best_ends_on_the_best_validation_evaluation(tmp_path, tokenizer, data, monkeypatch):
+    # scripted validation scores, so that the best evaluation is neither the first nor the last
+    scores = iter([0.2, 0.7, 0.4])
+    splits = []
+
+    def fake_evaluate(model, count, split, **kwargs):
+        splits.append(split)
+        return {"miou": next(scores)}
+
+    monkeypatch.setattr(tr, "evaluate_segmentation", fake_evaluate)
+    trainer = _trainer(tokenizer, data, steps=6, output_dir=str(tmp_path), eval_every=2, eval_count=2,
+                       keep_best=True)
+    seen = []
+    trainer.train(on_eval=_eval_recorder(trainer, seen))
+    assert splits == ["val"] * 3  # chosen on the validation split, never the test split
+    assert [(step, miou) for step, miou, _ in seen] == [(2, 0.2), (4, 0.7), (6, 0.4)]
+    assert trainer.best[:2] == (4, 0.7)
+    assert _state_equal(_weights(trainer.model), seen[1][2])
+    assert not _state_equal(seen[1][2], seen[2][2])
+    # run/model and run/best_model hold the best weights; the checkpoint keeps the last state, for resuming
+    assert _state_equal(_weights(GroupViTModel.from_pretrained(str(tmp_path / "model"))), seen[1][2])
+    assert _state_equal(_weights(GroupViTModel.from_pretrained(str(tmp_path / tr.BEST_MODEL_DIR))), seen[1][2])
+    assert _state_equal(_weights(GroupViTModel.from_pretrained(str(tmp_path / "checkpoint"))), seen[2][2])
+
+    # interrupted after the best evaluation and resumed: the same final weights (the best comes back from disk)
+    scores = iter([0.2, 0.7, 0.4])
+    other = tmp_path / "resumed"
+    first = _trainer(tokenizer, data, steps=6, output_dir=str(other), eval_every=2, eval_count=2,
+                     keep_best=True)
+    first.train(steps=4)
+    assert first.best[0] == 4 and _state_equal(_weights(first.model), seen[1][2])  # not over yet: no swap
+    resumed = _trainer(tokenizer, data, steps=6, output_dir=str(other), resume=True, eval_every=2, eval_count=2,
+                       keep_best=True)
+    assert resumed.step == 4 and resumed.best[:2] == (4, 0.7)
+    resumed.train()
+    assert _state_equal(_weights(resumed.model), seen[1][2])
+
+
+def test_keep_best_needs_evaluations():
+    with pytest.raises(ValueError, match="keep_best needs eval_every"):
+        tr.TrainConfig(keep_best=True).validate()
+    with pytest.raises(ValueError, match="eval_count"):
+        tr.TrainConfig(eval_every=10, eval_count=0).validate()
+
+
 def test_resume_without_checkpoint_dir_raises(tokenizer, data):
     with pytest.raises(ValueError, match="output_dir"):
         _trainer(tokenizer, data, resume=True)
@@ -260,3 +315,26 @@ def test_group_token_dropout_reimplements_token_assign_exactly():
     assert (dropped - expected).abs().amax(dim=-1).gt(1e-4).any()
     with pytest.raises(ValueError, match="group_token_dropout"):
         tr.TrainConfig(group_token_dropout=1.0).validate()
+
+
+def test_train_synthetic_keeps_the_best_validation_step_and_reports_it(tmp_path):
+    out = tmp_path / "run"
+    result = tr.train_synthetic(str(out), "unif_tokdrop", eval_count=4, progress=False, steps=4, pool_size=16,
+                                batch_size=8, warmup_steps=1, eval_every=2, arch={"text_hidden": 32})
+    history = json.loads((out / "history.json").read_text())
+    scored = {record["step"]: record["miou"] for record in history if "miou" in record}
+    assert sorted(scored) == [2, 4]
+    assert result["best_val_miou"] == max(scored.values())
+    assert scored[result["best_step"]] == result["best_val_miou"]
+    assert result["arch"]["text_hidden"] == 32 and result["arch"]["vision_hidden"] == 64  # override + recipe
+    assert result["train_config"]["keep_best"] and result["train_config"]["group_token_dropout"] == 0.5
+    assert 0.0 <= result["miou"]["miou"] <= 1.0 and result["miou"]["count"] == 4
+    assert (out / "model" / "model.safetensors").is_file() and (out / tr.BEST_MODEL_DIR / "config.json").is_file()
+    assert "kept the weights of step" in (out / "log.txt").read_text()
+
+
+def test_train_synthetic_rejects_unknown_recipes_and_architecture_options(tmp_path):
+    with pytest.raises(ValueError, match="unknown variant"):
+        tr.train_synthetic(str(tmp_path), "no_such_recipe")
+    with pytest.raises(ValueError, match="unknown architecture option.*hidden_size"):
+        tr.train_synthetic(str(tmp_path), "unif_pool", arch={"hidden_size": 8})
