@@ -35,7 +35,7 @@ import os
 import sys
 import time
 from dataclasses import asdict
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -57,18 +57,24 @@ LOGIT_SCALE_MAX = 100.0
 TrainConfig = core_losses.TrainConfig
 
 
-def builtin_model_config(text_hidden: int = 64, vision_hidden: int = 96, patch_size: int = 4, groups: int = 8,
-                         depths: Sequence[int] = (3, 2), image_size: int = 64,
+def builtin_model_config(text_hidden: int = 64, vision_hidden: int = 96, patch_size: int = 4,
+                         groups: Union[int, Sequence[int]] = 8, depths: Sequence[int] = (3, 2), image_size: int = 64,
                          assign_eps: float = 1.0) -> GroupViTConfig:
     """The small architecture of the built-in model: 64 px images, patch 4, one grouping stage of 8 groups,
-    a 2-layer text tower over the full CLIP vocabulary (49408 tokens) with 32 positions."""
+    a 2-layer text tower over the full CLIP vocabulary (49408 tokens) with 32 positions.
+
+    ``groups`` as a sequence gives one grouping stage per entry, after each stage of ``depths`` but the last
+    (as the paper's 64 -> 8): ``groups=(16, 8), depths=(2, 1, 1)``."""
     depths = list(depths)
+    stages = [int(groups)] if isinstance(groups, (int, np.integer)) else [int(g) for g in groups]
+    if len(stages) != len(depths) - 1:
+        raise ValueError(f"{len(stages)} grouping stage(s) need {len(stages) + 1} depths, got {depths}")
     return GroupViTConfig(
         text_config=dict(hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=32),
         vision_config=dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, depths=depths,
-                           num_hidden_layers=sum(depths), num_group_tokens=[groups] + [0] * (len(depths) - 1),
-                           num_output_groups=[groups] * len(depths), num_attention_heads=4,
+                           num_hidden_layers=sum(depths), num_group_tokens=stages + [0],
+                           num_output_groups=stages + stages[-1:], num_attention_heads=4,
                            image_size=image_size, patch_size=patch_size, assign_eps=assign_eps),
         projection_dim=64,
         projection_intermediate_dim=256,
@@ -631,6 +637,10 @@ VARIANTS: Dict[str, Tuple[Dict[str, Any], Dict[str, Any]]] = {
     "unif_tokdrop": ({"vision_hidden": 64, "depths": (2, 1)},
                      {"prompt_uniformity_weight": 1.0, "pool_size": 40000, "steps": 2500, "group_token_dropout": 0.5,
                       "eval_every": 250, "keep_best": True}),
+    # the paper's two grouping stages (16 -> 8 groups here) on top of "unif_tokdrop"
+    "unif_tokdrop_2stage": ({"vision_hidden": 64, "depths": (2, 1, 1), "groups": (16, 8)},
+                            {"prompt_uniformity_weight": 1.0, "pool_size": 40000, "steps": 2500,
+                             "group_token_dropout": 0.5, "eval_every": 250, "keep_best": True}),
     "small_unif10": ({"vision_hidden": 64, "depths": (2, 1)}, {"prompt_uniformity_weight": 1.0,
                                                                 "prompt_uniformity_temperature": 10.0}),
 }
@@ -658,6 +668,7 @@ def train_synthetic(out: str, variant: str = "unif_pool", time_budget: Optional[
     options = dict(recipe)
     options.update({k: v for k, v in overrides.items() if v is not None})
     config = TrainConfig.from_dict(options)
+    config.validate()  # before anything is built or written
     torch.manual_seed(config.seed)
     model = GroupViTModel(builtin_model_config(**arch))
     init_positions(model, config.position_init)

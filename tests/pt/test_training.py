@@ -338,3 +338,38 @@ def test_train_synthetic_rejects_unknown_recipes_and_architecture_options(tmp_pa
         tr.train_synthetic(str(tmp_path), "no_such_recipe")
     with pytest.raises(ValueError, match="unknown architecture option.*hidden_size"):
         tr.train_synthetic(str(tmp_path), "unif_pool", arch={"hidden_size": 8})
+
+
+def test_builtin_model_config_with_two_grouping_stages_trains_and_segments(tmp_path):
+    one = tr.builtin_model_config(vision_hidden=64, depths=(2, 1)).vision_config
+    assert (one.num_group_tokens, one.num_output_groups) == ([8, 0], [8, 8])
+    two = tr.builtin_model_config(vision_hidden=32, depths=(1, 1, 1), groups=(6, 3))
+    assert (two.vision_config.num_group_tokens, two.vision_config.num_output_groups) == ([6, 3, 0], [6, 3, 3])
+    with pytest.raises(ValueError, match="2 grouping stage"):
+        tr.builtin_model_config(depths=(2, 1), groups=(16, 8))
+    torch.manual_seed(0)
+    model = GroupViTModel(two)
+    patches = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    groups, pooled, first, soft = tr.vision_forward(model.eval(), torch.randn(2, 3, 64, 64))
+    assert groups.shape[1] == 3 and first.shape[1] == patches ** 2
+    # the product of the two stages' assignments: each patch's weights over the 3 final groups sum to 1
+    torch.testing.assert_close(soft.sum(dim=1), torch.ones(2, patches ** 2))
+    result = tr.evaluate_segmentation(model, count=2)
+    assert 0.0 <= result["miou"] <= 1.0
+
+
+def test_train_command_keep_best_and_its_errors(tmp_path, capsys):
+    from groupvit_core.cli import main as cli_main
+
+    out = tmp_path / "cli"
+    assert cli_main(["train", "--output", str(out), "--variant", "unif_pool", "--steps", "2", "--pool-size", "8",
+                     "--batch-size", "4", "--eval-every", "1", "--keep-best", "--no-eval", "-q"]) == 0
+    history = json.loads((out / "checkpoint" / tr.TRAIN_STATE_FILE).read_text())["history"]
+    assert [record["step"] for record in history if "miou" in record] == [1, 2]
+    assert (out / tr.BEST_MODEL_DIR / "model.safetensors").is_file()
+    assert "kept the weights of step" in (out / "log.txt").read_text()
+    # keep_best without evaluations: a clear error (exit status 1) before any data is made
+    assert cli_main(["train", "--output", str(tmp_path / "bad"), "--variant", "unif_pool", "--keep-best",
+                     "--eval-every", "0", "-q"]) == 1
+    assert "keep_best needs eval_every" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
