@@ -115,6 +115,7 @@ def groupvit_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
     return (contrastive_loss(logits_per_text) + contrastive_loss(logits_per_text.t())) / 2.0
 
 
+@torch.compiler.disable  # built once per size in numpy and cached: run eagerly under torch.compile
 @functools.lru_cache(maxsize=128)
 def _resize_matrix(mode: str, in_size: int, out_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     make = bicubic_matrix if mode == "bicubic" else bilinear_matrix

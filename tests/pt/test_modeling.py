@@ -684,3 +684,17 @@ def test_fresh_model_runs_and_follows_the_reference_initialisation():
     bn = model.visual_projection[1]
     assert bn.eps == 1e-5 and bn.momentum == 0.1
     assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+
+
+def test_torch_compile_traces_the_forward_with_segmentation(tiny):
+    # dynamo must trace the whole forward (the numpy-built resize matrices run eagerly, outside the graph);
+    # backend="eager" checks the tracing without paying for code generation
+    torch._dynamo.reset()
+    inputs = {k: torch.from_numpy(v) for k, v in _inputs(tiny.config).items()}
+    expected = _run(tiny, inputs, output_segmentation=True)
+    compiled = torch.compile(tiny, backend="eager", fullgraph=False)
+    got = _run(compiled, inputs, output_segmentation=True)
+    for key in ("logits_per_image", "segmentation_logits"):
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5)
+    features = torch.compile(tiny.get_image_features, backend="eager")(inputs["pixel_values"])
+    torch.testing.assert_close(features, tiny.get_image_features(inputs["pixel_values"]), rtol=1e-5, atol=1e-5)
