@@ -205,7 +205,8 @@ def scene_rng(split: str, index: int) -> np.random.Generator:
 
 
 def generate(split: str, index: int, size: int = DEFAULT_SIZE, max_objects: int = 3) -> Scene:
-    """Scene ``index`` of ``split`` ('train', 'val', 'test' or 'demo'); the same arguments always give the same scene."""
+    """Scene ``index`` of ``split`` ('train', 'val', 'test' or 'demo'); the same arguments always give the same
+    scene."""
     if size < 16:
         raise ValueError(f"image size must be at least 16 px, got {size}")
     if max_objects < 0:

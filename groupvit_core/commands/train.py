@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="global batch (default 64)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3)")
     parser.add_argument("--seed", type=int, default=None, help="seed (default 0)")
-    parser.add_argument("--pool-size", type=int, default=None, help="training scenes generated (default 4000)")
+    parser.add_argument("--pool-size", type=int, default=None, help="training scenes generated (default: the recipe's)")
     parser.add_argument("--eval-every", type=int, default=None,
                         help="validation mIoU every N steps (default: the recipe's; 0: none)")
     parser.add_argument("--keep-best", action="store_true", default=None,
