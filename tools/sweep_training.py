@@ -86,7 +86,7 @@ def summarise(out: str, spec: Dict[str, Dict[str, Any]], status: Dict[str, str])
 
 
 def table(rows: List[Dict[str, Any]]) -> str:
-    lines = ["| run | change | status | steps (s) | mIoU during training (test 0..99) | final mIoU | patch ablation |",
+    lines = ["| run | change | status | steps (s) | mIoU during training (100 scenes) | final mIoU | patch ablation |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         settings = list(row["arch"].items()) + list(row["options"].items())
