@@ -237,6 +237,15 @@ def write_voc_split(root: str, split: str = "test", count: int = 200, size: int 
     return names
 
 
+def model_pixels(images: np.ndarray, preset: str = "imagenet") -> np.ndarray:
+    """uint8 scenes (n, H, W, 3) normalised for the model with ``preset``'s mean and std: (n, 3, H, W) float32."""
+    from .image import NORMALIZATION_PRESETS
+
+    mean, std = (np.asarray(v, np.float32) for v in NORMALIZATION_PRESETS[preset])
+    scaled = np.asarray(images).astype(np.float32) / 255.0
+    return np.ascontiguousarray(((scaled - mean) / std).transpose(0, 3, 1, 2), dtype=np.float32)
+
+
 class TrainingData:
     """A pool of training scenes ready for a model: images normalised (N, 3, H, W) float32, captions and every
     (template, class) prompt tokenised, and the multi-hot entity targets parsed from the captions (never from
@@ -253,7 +262,7 @@ class TrainingData:
             raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(NORMALIZATION_PRESETS)}")
         if pool_size < 1:
             raise ValueError(f"pool_size must be positive, got {pool_size}")
-        self._mean, self._std = (np.asarray(v, np.float32) for v in NORMALIZATION_PRESETS[preset])
+        self.preset = preset
         scenes = list(iter_scenes(split, pool_size, size=image_size, max_objects=max_objects))
         # kept as uint8 (a quarter of float32's memory: large pools fit) and normalised per batch
         self.images = np.stack([s.image for s in scenes])
@@ -278,8 +287,7 @@ class TrainingData:
 
     def pixels(self, index) -> np.ndarray:
         """Scenes ``index`` normalised for the model: (n, 3, H, W) float32."""
-        images = self.images[index].astype(np.float32) / 255.0
-        return np.ascontiguousarray(((images - self._mean) / self._std).transpose(0, 3, 1, 2), dtype=np.float32)
+        return model_pixels(self.images[index], self.preset)
 
     def numpy_batch(self, step: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         """dict of numpy: pixel_values, input_ids, attention_mask (this process' images and captions),

@@ -23,7 +23,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from groupvit_core import synthetic  # noqa: E402
-from groupvit_core.image import NORMALIZATION_PRESETS  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -59,9 +58,7 @@ def main(argv=None) -> int:
     params = [*model.vision_model.parameters(), *model.visual_projection.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
     test = list(synthetic.iter_scenes("test", 300))
-    mean, std = (np.asarray(v, np.float32) for v in NORMALIZATION_PRESETS["imagenet"])
-    test_pixels = torch.from_numpy(np.stack([((s.image / np.float32(255) - mean) / std).transpose(2, 0, 1)
-                                             for s in test]).astype(np.float32))
+    test_pixels = torch.from_numpy(synthetic.model_pixels(np.stack([s.image for s in test])))
     grounds = len(synthetic.BACKGROUNDS)
     shapes = len(synthetic.SHAPES)
 
