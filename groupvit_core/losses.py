@@ -151,6 +151,9 @@ class TrainConfig:
     # training only: probability that a group's own token is dropped from its output (which then comes from its
     # assigned pixels alone), so that a group cannot name an entity without owning its pixels
     group_token_dropout: float = 0.0
+    # the group loss counts only the groups that own at least one patch (hard assignment), so that a caption's
+    # entity must be named by a group holding pixels, not by a group token that saw it through attention alone
+    group_owned_only: bool = False
     # initial vision position table: "random" (the reference's normal init) or "sincos" (2-D sine-cosine, as in
     # MAE: neighbouring patches start out with similar positions, so attention can look locally from step 0)
     position_init: str = "random"

@@ -127,15 +127,24 @@ def multilabel_loss(image_embeds: torch.Tensor, prompt_embeds: torch.Tensor, tar
 
 
 def group_loss(group_embeds: torch.Tensor, prompt_embeds: torch.Tensor, targets: torch.Tensor,
-               scale: torch.Tensor) -> torch.Tensor:
-    """Group-level multiple-instance loss: coverage of each caption entity by some group + purity of groups."""
+               scale: torch.Tensor, owned: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Group-level multiple-instance loss: coverage of each caption entity by some group + purity of groups.
+
+    ``owned`` (images, groups) bool: count only these groups (TrainConfig.group_owned_only: the groups that own
+    at least one patch), so that an entity must be named by a group that holds pixels."""
     logits = scale * group_embeds @ prompt_embeds.t()  # (images, groups, classes)
     log_p = F.log_softmax(logits, dim=-1)
     present = targets > 0  # (images, classes)
-    best = log_p.max(dim=1).values  # (images, classes): the best group for each class
+    if owned is None:
+        best = log_p.max(dim=1).values  # (images, classes): the best group for each class
+        coverage = -(best * present).sum() / present.sum().clamp_min(1)
+        in_caption = log_p.masked_fill(~present[:, None, :], float("-inf"))
+        purity = -torch.logsumexp(in_caption, dim=-1).mean()
+        return 0.5 * (coverage + purity)
+    best = log_p.masked_fill(~owned[..., None], float("-inf")).max(dim=1).values.clamp_min(-30.0)
     coverage = -(best * present).sum() / present.sum().clamp_min(1)
-    in_caption = log_p.masked_fill(~present[:, None, :], float("-inf"))
-    purity = -torch.logsumexp(in_caption, dim=-1).mean()
+    in_caption = torch.logsumexp(log_p.masked_fill(~present[:, None, :], float("-inf")), dim=-1)
+    purity = -(in_caption * owned).sum() / owned.sum().clamp_min(1)
     return 0.5 * (coverage + purity)
 
 
@@ -168,6 +177,11 @@ def pixel_group_loss(pixel_embeds: torch.Tensor, group_embeds: torch.Tensor, pro
     consistency = (soft_cross_entropy_log(group_log_p, log_p.detach().exp()) * nonempty).sum() \
         / nonempty.sum().clamp_min(1)
     return (coverage + purity + consistency) / 3
+
+
+def owned_groups(soft: torch.Tensor) -> torch.Tensor:
+    """(images, groups, patches) soft assignment -> (images, groups) bool: the group is some patch's argmax."""
+    return F.one_hot(soft.argmax(dim=1), soft.shape[1]).amax(dim=1) > 0
 
 
 def soft_cross_entropy_log(log_p: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -281,7 +295,9 @@ class TrainingModule(nn.Module):
             "contrastive": contrastive_loss(image_embeds, caption_embeds, scale) if cfg.contrastive_weight else zero,
             "multilabel": multilabel_loss(image_embeds, prompt_embeds, targets, scale)
             if cfg.multilabel_weight else zero,
-            "group": group_loss(group_embeds, prompt_embeds, targets, scale) if cfg.group_weight else zero,
+            "group": group_loss(group_embeds, prompt_embeds, targets, scale,
+                                owned=owned_groups(soft) if cfg.group_owned_only else None)
+            if cfg.group_weight else zero,
             "pixel": zero,
             "uniformity": prompt_uniformity_loss(prompt_embeds, cfg.prompt_uniformity_temperature)
             if cfg.prompt_uniformity_weight else zero,
@@ -641,6 +657,11 @@ VARIANTS: Dict[str, Tuple[Dict[str, Any], Dict[str, Any]]] = {
     "unif_tokdrop_2stage": ({"vision_hidden": 64, "depths": (2, 1, 1), "groups": (16, 8)},
                             {"prompt_uniformity_weight": 1.0, "pool_size": 40000, "steps": 2500,
                              "group_token_dropout": 0.5, "eval_every": 250, "keep_best": True}),
+    # "unif_tokdrop" with the group loss on pixel-owning groups only (TrainConfig.group_owned_only) and group-token
+    # dropout 0.7: the built-in's recipe (RESULTS_TRAINING.md, "Owned groups")
+    "owned_tokdrop": ({"vision_hidden": 64, "depths": (2, 1)},
+                      {"prompt_uniformity_weight": 1.0, "pool_size": 40000, "steps": 2500, "group_token_dropout": 0.7,
+                       "group_owned_only": True, "eval_every": 250, "keep_best": True}),
     "small_unif10": ({"vision_hidden": 64, "depths": (2, 1)}, {"prompt_uniformity_weight": 1.0,
                                                                 "prompt_uniformity_temperature": 10.0}),
 }

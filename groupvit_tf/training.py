@@ -52,16 +52,29 @@ def multilabel_loss(image_embeds, prompt_embeds, targets, scale) -> tf.Tensor:
     return 0.5 * (image_term + text_term)
 
 
-def group_loss(group_embeds, prompt_embeds, targets, scale) -> tf.Tensor:
+def group_loss(group_embeds, prompt_embeds, targets, scale, owned=None) -> tf.Tensor:
+    """Mirror of groupvit_pt.training.group_loss (``owned``: (images, groups) bool, the groups counted)."""
     logits = scale * tf.einsum("bgd,cd->bgc", group_embeds, prompt_embeds)
     log_p = tf.nn.log_softmax(logits, axis=-1)
     present = targets > 0
     presentf = tf.cast(present, log_p.dtype)
-    best = tf.reduce_max(log_p, axis=1)
+    ninf = tf.constant(-np.inf, log_p.dtype)
+    in_caption = tf.reduce_logsumexp(tf.where(present[:, None, :], log_p, ninf), axis=-1)
+    if owned is None:
+        best = tf.reduce_max(log_p, axis=1)
+        coverage = -tf.reduce_sum(best * presentf) / tf.maximum(tf.reduce_sum(presentf), 1.0)
+        return 0.5 * (coverage - tf.reduce_mean(in_caption))
+    ownedf = tf.cast(owned, log_p.dtype)
+    best = tf.maximum(tf.reduce_max(tf.where(owned[..., None], log_p, ninf), axis=1), -30.0)
     coverage = -tf.reduce_sum(best * presentf) / tf.maximum(tf.reduce_sum(presentf), 1.0)
-    in_caption = tf.where(present[:, None, :], log_p, tf.constant(-np.inf, log_p.dtype))
-    purity = -tf.reduce_mean(tf.reduce_logsumexp(in_caption, axis=-1))
+    purity = -tf.reduce_sum(in_caption * ownedf) / tf.maximum(tf.reduce_sum(ownedf), 1.0)
     return 0.5 * (coverage + purity)
+
+
+def owned_groups(soft) -> tf.Tensor:
+    """Mirror of groupvit_pt.training.owned_groups: (B, G, N) soft assignment -> (B, G) bool."""
+    index = tf.argmax(soft, axis=1)  # ties to the lowest group, as torch.argmax
+    return tf.reduce_max(tf.one_hot(index, tf.shape(soft)[1], dtype=soft.dtype), axis=1) > 0
 
 
 def prompt_uniformity_loss(prompt_embeds, temperature: float) -> tf.Tensor:
@@ -159,7 +172,9 @@ def compute_losses(model: TFGroupViTModel, batch: Mapping[str, Any], config: Any
         "contrastive": contrastive_loss(image_embeds, caption_embeds, scale) if config.contrastive_weight else zero,
         "multilabel": multilabel_loss(image_embeds, prompt_embeds, targets, scale)
         if config.multilabel_weight else zero,
-        "group": group_loss(group_embeds, prompt_embeds, targets, scale) if config.group_weight else zero,
+        "group": group_loss(group_embeds, prompt_embeds, targets, scale,
+                            owned=owned_groups(soft) if getattr(config, "group_owned_only", False) else None)
+        if config.group_weight else zero,
         "pixel": zero,
         "uniformity": zero,
     }

@@ -52,6 +52,25 @@ def test_losses_match_numpy():
     got = float(tr.group_loss(t(groups), t(prompts), t(targets), s))
     assert got == pytest.approx(0.5 * (coverage + purity), rel=1e-10)
 
+    # only the groups that own pixels count (TrainConfig.group_owned_only)
+    owned = np.array([[1, 0, 1, 0, 0], [0, 0, 0, 0, 1], [1, 1, 1, 1, 1], [0, 1, 1, 0, 0]], bool)
+    masked = np.where(owned[..., None], log_p, -np.inf)
+    coverage = -np.sum(masked.max(axis=1) * present) / present.sum()
+    per_group = np.log(np.sum(np.exp(log_p) * present[:, None, :], -1))
+    purity = -np.sum(per_group * owned) / owned.sum()
+    got = float(tr.group_loss(t(groups), t(prompts), t(targets), s, owned=torch.from_numpy(owned)))
+    assert got == pytest.approx(0.5 * (coverage + purity), rel=1e-10)
+    assert float(tr.group_loss(t(groups), t(prompts), t(targets), s, owned=torch.ones(4, 5, dtype=torch.bool))) == \
+        pytest.approx(float(tr.group_loss(t(groups), t(prompts), t(targets), s)), rel=1e-12)
+
+
+def test_owned_groups():
+    soft = torch.zeros(2, 3, 4)
+    soft[0, 0] = 1.0  # every patch to group 0
+    soft[1, :, :2] = torch.tensor([[0.2, 0.1], [0.5, 0.2], [0.3, 0.7]])
+    soft[1, :, 2:] = 1.0 / 3  # ties go to the lowest group, as argmax
+    assert tr.owned_groups(soft).tolist() == [[True, False, False], [True, True, True]]
+
 
 def test_prompt_uniformity_loss_matches_numpy_and_pushes_close_prompts_apart():
     rng = np.random.default_rng(1)

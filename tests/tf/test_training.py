@@ -37,19 +37,27 @@ def _tf_model(state):
     return model
 
 
-def test_loss_and_gradients_equal_pytorch(data):
+@pytest.mark.parametrize("owned_only", [False, True], ids=["all-groups", "owned-groups"])
+def test_loss_and_gradients_equal_pytorch(data, owned_only):
     torch = pytest.importorskip("torch")
     from groupvit_pt import GroupViTModel
-    from groupvit_pt.training import TrainingModule
+    from groupvit_pt.training import TrainingModule, owned_groups, vision_forward
 
     config = test_config("small")
     state = random_weights(config, seed=3)
-    cfg = _config(pixel_weight=0.5, prompt_uniformity_weight=0.7, prompt_uniformity_temperature=6.0)
+    cfg = _config(pixel_weight=0.5, prompt_uniformity_weight=0.7, prompt_uniformity_temperature=6.0,
+                  group_owned_only=owned_only)
     batch = data.numpy_batch(0, 4, seed=0)
 
     pt_model = GroupViTModel(config)
     pt_model.load_canonical_state(state)
     pt_model.set_gumbel(False)
+    if owned_only:  # the mask must leave some group out, or this case would test nothing new
+        with torch.no_grad():
+            owned = owned_groups(vision_forward(pt_model, torch.from_numpy(batch["pixel_values"]))[3])
+        assert 0 < int(owned.sum()) < owned.numel()
+        tf_owned = tft.owned_groups(tft.vision_forward(_tf_model(state), batch["pixel_values"])[3])
+        assert np.array_equal(np.asarray(tf_owned), owned.numpy())
     module = TrainingModule(pt_model, cfg).train()
     pt_parts = module(**{k: torch.from_numpy(v) for k, v in batch.items()})
     pt_parts["loss"].backward()
