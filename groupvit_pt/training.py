@@ -617,8 +617,8 @@ def evaluate_segmentation(model: GroupViTModel, count: int = 200, tokenizer: Any
 # The reproducing entry point (tools/train_builtin.py and `groupvit train`)
 # ----------------------------------------------------------------------------------------------------------------
 
-# name: (architecture overrides of builtin_model_config, TrainConfig overrides). "unif_pool" is the built-in
-# recipe (RESULTS_TRAINING.md); "small" was the one before it.
+# name: (architecture overrides of builtin_model_config, TrainConfig overrides). "owned_tokdrop" is the built-in
+# recipe (RESULTS_TRAINING.md); "unif_pool" and "small" were the ones before it.
 VARIANTS: Dict[str, Tuple[Dict[str, Any], Dict[str, Any]]] = {
     "small": ({"vision_hidden": 64, "depths": (2, 1)}, {}),
     "full": ({}, {}),
@@ -667,8 +667,8 @@ VARIANTS: Dict[str, Tuple[Dict[str, Any], Dict[str, Any]]] = {
 }
 
 
-def train_synthetic(out: str, variant: str = "unif_pool", time_budget: Optional[float] = None, eval_count: int = 200,
-                    device: Optional[str] = None, resume: bool = False, progress: bool = True,
+def train_synthetic(out: str, variant: str = "owned_tokdrop", time_budget: Optional[float] = None,
+                    eval_count: int = 200, device: Optional[str] = None, resume: bool = False, progress: bool = True,
                     evaluate: bool = True, arch: Optional[Dict[str, Any]] = None, **overrides: Any
                     ) -> Dict[str, Any]:
     """Train a recipe of ``VARIANTS`` on the synthetic world into ``out`` and measure it.

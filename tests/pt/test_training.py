@@ -83,7 +83,7 @@ def test_prompt_uniformity_loss_matches_numpy_and_pushes_close_prompts_apart():
     expected = (np.log(np.mean(np.exp(t * off)))) / t
     p = torch.tensor(prompts, dtype=torch.float64, requires_grad=True)
     loss = tr.prompt_uniformity_loss(p, t)
-    assert float(loss) == pytest.approx(expected, rel=1e-10)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-10)
     loss.backward()
     # the near-duplicates get the largest gradients, and a small step separates them
     norms = p.grad.norm(dim=-1).numpy()
@@ -381,12 +381,15 @@ def test_train_command_keep_best_and_its_errors(tmp_path, capsys):
     from groupvit_core.cli import main as cli_main
 
     out = tmp_path / "cli"
-    assert cli_main(["train", "--output", str(out), "--variant", "unif_pool", "--steps", "2", "--pool-size", "8",
-                     "--batch-size", "4", "--eval-every", "1", "--keep-best", "--no-eval", "-q"]) == 0
+    # no --variant: the built-in's recipe, which keeps the best validation evaluation by itself
+    assert cli_main(["train", "--output", str(out), "--steps", "2", "--pool-size", "8",
+                     "--batch-size", "4", "--eval-every", "1", "--no-eval", "-q"]) == 0
     history = json.loads((out / "checkpoint" / tr.TRAIN_STATE_FILE).read_text())["history"]
     assert [record["step"] for record in history if "miou" in record] == [1, 2]
     assert (out / tr.BEST_MODEL_DIR / "model.safetensors").is_file()
-    assert "kept the weights of step" in (out / "log.txt").read_text()
+    log = (out / "log.txt").read_text()
+    assert "variant owned_tokdrop" in log and "group_owned_only=True" in log and "keep_best=True" in log
+    assert "kept the weights of step" in log
     # keep_best without evaluations: a clear error (exit status 1) before any data is made
     assert cli_main(["train", "--output", str(tmp_path / "bad"), "--variant", "unif_pool", "--keep-best",
                      "--eval-every", "0", "-q"]) == 1
