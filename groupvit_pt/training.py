@@ -135,17 +135,20 @@ def group_loss(group_embeds: torch.Tensor, prompt_embeds: torch.Tensor, targets:
     logits = scale * group_embeds @ prompt_embeds.t()  # (images, groups, classes)
     log_p = F.log_softmax(logits, dim=-1)
     present = targets > 0  # (images, classes)
+    in_caption = torch.logsumexp(log_p.masked_fill(~present[:, None, :], float("-inf")), dim=-1)
     if owned is None:
         best = log_p.max(dim=1).values  # (images, classes): the best group for each class
         coverage = -(best * present).sum() / present.sum().clamp_min(1)
-        in_caption = log_p.masked_fill(~present[:, None, :], float("-inf"))
-        purity = -torch.logsumexp(in_caption, dim=-1).mean()
-        return 0.5 * (coverage + purity)
+        return 0.5 * (coverage - in_caption.mean())
     best = log_p.masked_fill(~owned[..., None], float("-inf")).max(dim=1).values.clamp_min(-30.0)
     coverage = -(best * present).sum() / present.sum().clamp_min(1)
-    in_caption = torch.logsumexp(log_p.masked_fill(~present[:, None, :], float("-inf")), dim=-1)
     purity = -(in_caption * owned).sum() / owned.sum().clamp_min(1)
     return 0.5 * (coverage + purity)
+
+
+def owned_groups(soft: torch.Tensor) -> torch.Tensor:
+    """(images, groups, patches) soft assignment -> (images, groups) bool: the group is some patch's argmax."""
+    return F.one_hot(soft.argmax(dim=1), soft.shape[1]).amax(dim=1) > 0
 
 
 def prompt_uniformity_loss(prompt_embeds: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -177,11 +180,6 @@ def pixel_group_loss(pixel_embeds: torch.Tensor, group_embeds: torch.Tensor, pro
     consistency = (soft_cross_entropy_log(group_log_p, log_p.detach().exp()) * nonempty).sum() \
         / nonempty.sum().clamp_min(1)
     return (coverage + purity + consistency) / 3
-
-
-def owned_groups(soft: torch.Tensor) -> torch.Tensor:
-    """(images, groups, patches) soft assignment -> (images, groups) bool: the group is some patch's argmax."""
-    return F.one_hot(soft.argmax(dim=1), soft.shape[1]).amax(dim=1) > 0
 
 
 def soft_cross_entropy_log(log_p: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
