@@ -262,4 +262,6 @@ def make_dataset(data: Any, config: Any, steps: Optional[int] = None) -> tf.data
         for step in range(steps):
             yield data.numpy_batch(step, config.batch_size, config.seed)
 
-    return tf.data.Dataset.from_generator(generate, output_signature=signature)
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
+    # a known length, so that Keras' fit counts its steps instead of warning that the input ran out
+    return dataset.apply(tf.data.experimental.assert_cardinality(steps))
