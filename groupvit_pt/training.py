@@ -28,6 +28,7 @@ groupvit_tf.training; ``train_synthetic`` is what ``groupvit train`` and tools/t
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -35,7 +36,7 @@ import os
 import sys
 import time
 from dataclasses import asdict
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -663,6 +664,22 @@ VARIANTS: Dict[str, Tuple[Dict[str, Any], Dict[str, Any]]] = {
     "small_unif10": ({"vision_hidden": 64, "depths": (2, 1)}, {"prompt_uniformity_weight": 1.0,
                                                                 "prompt_uniformity_temperature": 10.0}),
 }
+
+
+@contextlib.contextmanager
+def command_session(threads: Optional[int] = None) -> Iterator[None]:
+    """What ``groupvit train`` sets up around a run: torch's CPU threads, and the process group when torchrun
+    started this process (WORLD_SIZE > 1: nccl with CUDA, else gloo), destroyed at the end."""
+    if threads:
+        torch.set_num_threads(threads)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield
+    finally:
+        if distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def train_synthetic(out: str, variant: str = "owned_tokdrop", time_budget: Optional[float] = None,

@@ -74,30 +74,24 @@ def run(args: argparse.Namespace) -> int:
     from ..cli import CommandError
 
     try:
-        import torch
-    except ImportError:
-        raise CommandError("training needs PyTorch: pip install 'groupvit[torch]'") from None
-    from groupvit_pt.training import VARIANTS, train_synthetic
+        from groupvit_pt.training import VARIANTS, command_session, train_synthetic
+    except ImportError as error:
+        raise CommandError(f"training needs PyTorch: pip install 'groupvit[torch]' ({error})") from None
 
     if args.variant not in VARIANTS:
         raise CommandError(f"--variant {args.variant}: choose one of {', '.join(sorted(VARIANTS))}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    result = train_synthetic(args.output, args.variant, time_budget=args.time_budget, eval_count=args.eval_count,
-                             device=args.device, resume=args.resume, progress=not args.quiet,
-                             evaluate=not args.no_eval, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                             seed=args.seed, pool_size=args.pool_size, eval_every=args.eval_every,
-                             keep_best=args.keep_best)
-    if "miou" in result:
-        print(f"mIoU {result['miou']['miou']:.4f} (patch-level ablation {result['miou_patch_ablation']['miou']:.4f}, "
-              f"random weights {result['miou_random_weights']['miou']:.4f}) on {args.eval_count} test scenes")
-    if args.export:
-        print(f"exported {export_builtin(os.path.join(args.output, 'model'), args.export)}")
-    if distributed:
-        torch.distributed.destroy_process_group()
+    with command_session(args.threads):
+        result = train_synthetic(args.output, args.variant, time_budget=args.time_budget,
+                                 eval_count=args.eval_count, device=args.device, resume=args.resume,
+                                 progress=not args.quiet, evaluate=not args.no_eval, steps=args.steps,
+                                 batch_size=args.batch_size, lr=args.lr, seed=args.seed, pool_size=args.pool_size,
+                                 eval_every=args.eval_every, keep_best=args.keep_best)
+        if "miou" in result:
+            print(f"mIoU {result['miou']['miou']:.4f} (patch-level ablation "
+                  f"{result['miou_patch_ablation']['miou']:.4f}, random weights "
+                  f"{result['miou_random_weights']['miou']:.4f}) on {args.eval_count} test scenes")
+        if args.export:
+            print(f"exported {export_builtin(os.path.join(args.output, 'model'), args.export)}")
     return 0
 
 
