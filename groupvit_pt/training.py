@@ -576,13 +576,14 @@ class PatchBackend:
 
 
 def evaluate_segmentation(model: GroupViTModel, count: int = 200, tokenizer: Any = None, preset: str = "imagenet",
-                          image_size: int = 64, grouping: bool = True, templates: Any = None,
+                          image_size: Optional[int] = None, grouping: bool = True, templates: Any = None,
                           split: str = "test", batch_size: int = 50) -> Dict[str, Any]:
     """Zero-shot mIoU on ``count`` held-out synthetic scenes, with ``groupvit_core.segmentation``'s protocol.
 
     Classes: the synthetic entities (4 grounds + 9 objects, one prompt "a photo of a {}." each); whole image at
     its own size (no 448 resize, no windows), hard grouping, top-5 classes, no background threshold (every pixel
-    of the world has a name). Label 0 ("background") is never in the masks; it is absent from the mean.
+    of the world has a name). Label 0 ("background") is never in the masks; it is absent from the mean. The
+    scenes are drawn at ``image_size`` px, by default the model's own (``vision_config.image_size``).
     """
     from groupvit_core.datasets import SegmentationMetric
     from groupvit_core.segmentation import ZeroShotSegmenter
@@ -599,6 +600,7 @@ def evaluate_segmentation(model: GroupViTModel, count: int = 200, tokenizer: Any
                                   background_threshold=None, batch_size=batch_size)
     segmenter.set_classes(list(synthetic.ENTITY_NAMES), templates=templates)
     metric = SegmentationMetric(len(synthetic.CLASS_NAMES))
+    image_size = image_size or model.config.vision_config.image_size
     scenes = list(synthetic.iter_scenes(split, count, size=image_size))
     for start in range(0, count, batch_size):
         chunk = scenes[start:start + batch_size]
@@ -705,6 +707,10 @@ def train_synthetic(out: str, variant: str = "owned_tokdrop", time_budget: Optio
     options.update({k: v for k, v in overrides.items() if v is not None})
     config = TrainConfig.from_dict(options)
     config.validate()  # before anything is built or written
+    # the scenes' size (TrainConfig.image_size) is the model's: the architecture follows it
+    if arch.setdefault("image_size", config.image_size) != config.image_size:
+        raise ValueError(f"the architecture's image_size {arch['image_size']} differs from the training scenes' "
+                         f"image_size {config.image_size}: set the image_size option alone")
     torch.manual_seed(config.seed)
     model = GroupViTModel(builtin_model_config(**arch))
     init_positions(model, config.position_init)

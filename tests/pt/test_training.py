@@ -357,6 +357,19 @@ def test_train_synthetic_rejects_unknown_recipes_and_architecture_options(tmp_pa
         tr.train_synthetic(str(tmp_path), "no_such_recipe")
     with pytest.raises(ValueError, match="unknown architecture option.*hidden_size"):
         tr.train_synthetic(str(tmp_path), "unif_pool", arch={"hidden_size": 8})
+    with pytest.raises(ValueError, match="image_size 96 differs .* image_size 64"):
+        tr.train_synthetic(str(tmp_path), "unif_pool", arch={"image_size": 96})
+
+
+def test_train_synthetic_at_another_image_size_builds_the_model_and_measures_at_that_size(tmp_path):
+    out = tmp_path / "run"
+    result = tr.train_synthetic(str(out), "owned_tokdrop", eval_count=2, progress=False, steps=1, pool_size=8,
+                                batch_size=4, warmup_steps=1, eval_every=0, keep_best=False, image_size=80,
+                                arch={"text_hidden": 32, "patch_size": 5})
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["vision_config"]["image_size"] == 80 and config["vision_config"]["patch_size"] == 5
+    assert result["arch"]["image_size"] == 80 and result["train_config"]["image_size"] == 80
+    assert result["miou"]["count"] == 2  # evaluated on 80 px scenes: the model's own size, no interpolation
 
 
 def test_builtin_model_config_with_two_grouping_stages_trains_and_segments(tmp_path):
