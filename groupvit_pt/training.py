@@ -405,6 +405,11 @@ class Trainer:
         from groupvit_core.tokenizer import GroupViTTokenizer
 
         config.validate()
+        model_size = model.config.vision_config.image_size
+        if model_size != config.image_size:
+            raise ValueError(f"the model's image_size {model_size} differs from TrainConfig.image_size "
+                             f"{config.image_size} (the size of the training scenes): build the model at that size "
+                             "or set TrainConfig(image_size=...) to the model's")
         self.config = config
         self.rank, self.world_size = _distributed()
         if config.batch_size % self.world_size:

@@ -361,6 +361,13 @@ def test_train_synthetic_rejects_unknown_recipes_and_architecture_options(tmp_pa
         tr.train_synthetic(str(tmp_path), "unif_pool", arch={"image_size": 96})
 
 
+def test_trainer_rejects_a_model_of_another_image_size(tokenizer, data):
+    model = GroupViTModel(test_config("small"))  # 32 px
+    cfg = tr.TrainConfig(steps=1, batch_size=4, image_size=64, pool_size=8, max_text_length=24)
+    with pytest.raises(ValueError, match="model's image_size 32 differs from TrainConfig.image_size 64"):
+        tr.Trainer(model, cfg, tokenizer=tokenizer, data=data, progress=False, log=lambda line: None)
+
+
 def test_train_synthetic_at_another_image_size_builds_the_model_and_measures_at_that_size(tmp_path):
     out = tmp_path / "run"
     result = tr.train_synthetic(str(out), "owned_tokdrop", eval_count=2, progress=False, steps=1, pool_size=8,
