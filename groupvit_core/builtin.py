@@ -6,8 +6,7 @@ It was trained from captions only (see RESULTS_TRAINING.md for how, and its meas
 segments images of that world: grounds ("grass", "sand", "water", "asphalt") and coloured shapes ("red circle",
 "blue square", "yellow triangle", ...). ``groupvit segment`` and ``groupvit evaluate`` use it when no ``--model``
 is given; its segmentation settings (the image resized to a 64 px short side, the whole image in one window, no
-background threshold)
-are in ``segmentation.json`` and come back from ``builtin_segmenter_options()``.
+background threshold, the label map refined on the image's pixels) are in ``segmentation.json`` and come back from ``builtin_segmenter_options()``.
 """
 
 from __future__ import annotations
@@ -41,9 +40,12 @@ def _settings() -> Dict[str, Any]:
 
 def builtin_segmenter_options() -> Dict[str, Any]:
     """Keyword arguments of ``ZeroShotSegmenter`` the built-in model was measured with:
-    window="whole", short_side=64 (the model's image size), preset, background_threshold=None, top_k."""
+    window="whole", short_side=64 (the model's image size), preset, background_threshold=None, top_k, and
+    refine (absent from older settings files: False)."""
     settings = _settings()
-    return {key: settings[key] for key in ("window", "short_side", "preset", "background_threshold", "top_k")}
+    options = {key: settings[key] for key in ("window", "short_side", "preset", "background_threshold", "top_k")}
+    options["refine"] = bool(settings.get("refine", False))
+    return options
 
 
 def builtin_class_names() -> Tuple[str, ...]:

@@ -19,6 +19,11 @@ This is the original NVlabs inference (``segmentation/evaluation/group_vit_seg.p
 5. Each pixel takes its group's scores; overlapping windows are averaged (``WindowAccumulator``, mmseg's
    ``count_mat``); the average is resized bilinearly to the original image and the label is its argmax (ties go
    to the lowest index, so to background).
+6. Optional, not part of the paper's protocol (``refine=True``): the label map is refined on the image's own
+   pixels (``refine_label_map``, pixel-adaptive mask refinement after Araslanov & Roth, CVPR 2020): each pixel's
+   one-hot label is averaged a few times over its neighbours, weighted by how alike their colours are, so that
+   labels stop at colour edges instead of at the patch grid. No labels or training are involved; the built-in
+   model's settings turn it on (chosen on the validation split, RESULTS_TRAINING.md).
 
 Label convention (``SegmentationResult``): ``class_names[label]`` names every label. With a background threshold
 ``class_names == ("background", *classes)``: 0 is background and class i of ``set_classes`` is label i + 1.
@@ -49,6 +54,10 @@ WINDOW_SIZE = 448  # test_cfg crop_size
 WINDOW_STRIDE = 224  # test_cfg stride
 TOP_K = 5
 LOGIT_SCALE_MAX = 100.0
+# refine_label_map's defaults, chosen on the synthetic world's validation split (64 px images, patch 4)
+REFINE_ITERATIONS = 8
+REFINE_DILATIONS = (1, 2, 4)
+REFINE_SIGMA = 0.02
 DEFAULT_PRESET = "imagenet"  # the NVlabs evaluation normalises with ImageNet statistics
 WINDOW_MODES = ("slide", "whole")
 
@@ -373,6 +382,76 @@ def hard_group_map(assignments: Sequence[np.ndarray], grid: Tuple[int, int], hei
     return np.argmax(resized, axis=-1)  # ties -> lowest group, as torch.argmax
 
 
+def refine_label_map(image: np.ndarray, label_map: np.ndarray, num_labels: int,
+                     iterations: int = REFINE_ITERATIONS, dilations: Sequence[int] = REFINE_DILATIONS,
+                     sigma: float = REFINE_SIGMA) -> np.ndarray:
+    """Pixel-adaptive refinement of a label map on its image (after PAMR, Araslanov & Roth, CVPR 2020).
+
+    image (H, W, 3) uint8 and label_map (H, W) ints in [0, num_labels). The one-hot labels are averaged
+    ``iterations`` times over each pixel's 8 neighbours at every dilation in ``dilations`` (edges replicated),
+    neighbour k weighted by softmax_k(-d_k / (sigma + s)), where d_k is the mean absolute colour difference (RGB
+    in [0, 1]) between the pixel and neighbour k and s the mean per-channel standard deviation of the
+    neighbours' colours. The result is the argmax (ties to the lower label) -> (H, W) int32.
+    """
+    image = np.asarray(image)
+    label_map = np.asarray(label_map)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image must be (H, W, 3), got shape {image.shape}")
+    if label_map.shape != image.shape[:2]:
+        raise ValueError(f"label_map shape {label_map.shape} does not match the image's {image.shape[:2]}")
+    if not np.issubdtype(label_map.dtype, np.integer):
+        raise TypeError(f"label_map must hold integers, got {label_map.dtype}")
+    num_labels = _check_positive("num_labels", num_labels)
+    if label_map.size and (label_map.min() < 0 or label_map.max() >= num_labels):
+        raise ValueError(f"label_map values must be in [0, {num_labels}), got {label_map.min()}..{label_map.max()}")
+    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 0:
+        raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
+    dilations = tuple(dilations)
+    if not dilations:
+        raise ValueError("dilations is empty")
+    for dilation in dilations:
+        _check_positive("dilation", dilation)
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.floating, np.integer)) or sigma < 0:
+        raise ValueError(f"sigma must be a non-negative number, got {sigma!r}")
+    if iterations == 0 or label_map.size == 0:
+        return label_map.astype(np.int32)
+
+    height, width = label_map.shape
+    pad = max(dilations)
+    offsets = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+
+    def shifted(padded: np.ndarray, dy: int, dx: int) -> np.ndarray:  # a padded (..., H+2p, W+2p) moved by one offset
+        return padded[..., pad + dy:pad + dy + height, pad + dx:pad + dx + width]
+
+    def padded(array: np.ndarray) -> np.ndarray:  # edges replicated
+        return np.pad(array, [(0, 0)] * (array.ndim - 2) + [(pad, pad), (pad, pad)], mode="edge")
+
+    # One neighbour at a time: memory stays a few (H, W) planes per offset, not (offsets, labels, H, W).
+    colours = np.moveaxis(image.astype(np.float32) / 255.0, -1, 0)  # (3, H, W)
+    around = padded(colours)
+    distance = np.empty((len(offsets), height, width), dtype=np.float32)
+    total = np.zeros_like(colours)
+    squares = np.zeros_like(colours)
+    for k, (dy, dx) in enumerate(offsets):
+        neighbour = shifted(around, dy, dx)
+        distance[k] = np.abs(neighbour - colours).mean(axis=0)
+        total += neighbour
+        squares += neighbour * neighbour
+    mean = total / len(offsets)
+    spread = np.sqrt(np.maximum(squares / len(offsets) - mean * mean, 0.0)).mean(axis=0)  # (H, W)
+    weights = -distance / (np.float32(sigma) + spread + np.float32(1e-8))
+    weights = np.exp(weights - weights.max(axis=0, keepdims=True))
+    weights /= weights.sum(axis=0, keepdims=True)
+    probabilities = np.zeros((num_labels, height, width), dtype=np.float32)
+    np.put_along_axis(probabilities, label_map[None].astype(np.int64), 1.0, axis=0)
+    for _ in range(int(iterations)):
+        source = padded(probabilities)
+        probabilities = np.zeros_like(probabilities)
+        for k, (dy, dx) in enumerate(offsets):
+            probabilities += weights[k] * shifted(source, dy, dx)
+    return np.argmax(probabilities, axis=0).astype(np.int32)
+
+
 def _softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     shifted = logits - np.max(logits, axis=axis, keepdims=True)
     exp = np.exp(shifted)
@@ -427,7 +506,7 @@ class SegmentationResult:
 
     label_map (H, W) int32: ``class_names[label]`` names each pixel (0 = "background" when a background threshold
     was set, classes 1..K; otherwise classes 0..K-1). probabilities (C, H, W) float32, C = len(class_names): the
-    scores the label is the argmax of: each class channel is the NVlabs score (in [0, 1]) of the pixel's group,
+    scores the label is the argmax of (before ``refine``, which moves labels only): each class channel is the NVlabs score (in [0, 1]) of the pixel's group,
     the background channel the share of windows that called the pixel background; averaged over windows and
     resized bilinearly, not normalised to sum to 1. group_map (H, W) int32: the hard group of each pixel (ids
     offset per window in sliding mode, so groups of different windows differ).
@@ -452,6 +531,7 @@ class _Pending:
 
     original_size: Tuple[int, int]
     accumulator: WindowAccumulator
+    image: Optional[np.ndarray] = None  # the RGB image, kept only for refine
 
 
 def _backend_attribute(backend: Any, name: str) -> Any:
@@ -467,6 +547,8 @@ class ZeroShotSegmenter:
     arrays (H, W[, C]) or file paths) and returns one ``SegmentationResult`` per image, windows of all images
     batched through the model ``batch_size`` at a time. Normalisation: ``image_processor``'s image_mean/image_std
     and rescale_factor if given (nothing else of it is used: resizing is part of the protocol), else ``preset``.
+    ``refine``: the label map refined on the image's pixels (``refine_label_map``, step 6 of the module
+    docstring; not the paper's protocol, off by default); ``probabilities`` stay the model's scores.
     """
 
     def __init__(self, backend: Any, tokenizer: Any = None, image_processor: Any = None,
@@ -474,7 +556,7 @@ class ZeroShotSegmenter:
                  background_threshold: Optional[float] = None, top_k: Optional[int] = TOP_K,
                  short_side: Optional[int] = SHORT_SIDE, max_long_side: int = MAX_LONG_SIDE,
                  window_size: int = WINDOW_SIZE, stride: int = WINDOW_STRIDE, batch_size: int = 4,
-                 logit_scale_max: float = LOGIT_SCALE_MAX) -> None:
+                 logit_scale_max: float = LOGIT_SCALE_MAX, refine: bool = False) -> None:
         for name in ("encode_text", "encode_image", "logit_scale", "patch_size"):
             _backend_attribute(backend, name)
         self.backend = backend
@@ -495,6 +577,9 @@ class ZeroShotSegmenter:
             raise ValueError(f"stride ({stride}) must not exceed window_size ({window_size})")
         self.batch_size = _check_positive("batch_size", batch_size)
         self.logit_scale_max = float(logit_scale_max)
+        if not isinstance(refine, (bool, np.bool_)):
+            raise TypeError(f"refine must be True or False, got {type(refine).__name__}")
+        self.refine = bool(refine)
         self.class_names: Optional[Tuple[str, ...]] = None
         self.text_embeddings: Optional[np.ndarray] = None
 
@@ -576,7 +661,8 @@ class ZeroShotSegmenter:
         for index, image in enumerate(images):
             rgb, pixels = self.prepare(image)
             height, width = pixels.shape[1:]
-            pending.append(_Pending(rgb.shape[:2], WindowAccumulator(len(names), height, width)))
+            pending.append(_Pending(rgb.shape[:2], WindowAccumulator(len(names), height, width),
+                                    rgb if self.refine else None))
             for window in self.windows_for(height, width):
                 crop = pixels[:, window.top:window.bottom, window.left:window.right]
                 size = self.model_input_size(window.height, window.width)
@@ -615,8 +701,11 @@ class ZeroShotSegmenter:
         height, width = state.original_size
         scores = resize_bilinear(state.accumulator.average(), height, width, axes=(0, 1))  # (H, W, channels)
         groups = resize_nearest(state.accumulator.groups, height, width)
+        label_map = np.argmax(scores, axis=-1).astype(np.int32)
+        if state.image is not None:
+            label_map = refine_label_map(state.image, label_map, len(names))
         return SegmentationResult(
-            label_map=np.argmax(scores, axis=-1).astype(np.int32),
+            label_map=label_map,
             probabilities=np.ascontiguousarray(np.moveaxis(scores, -1, 0)),
             group_map=groups.astype(np.int32),
             class_names=names,

@@ -582,13 +582,14 @@ class PatchBackend:
 
 def evaluate_segmentation(model: GroupViTModel, count: int = 200, tokenizer: Any = None, preset: str = "imagenet",
                           image_size: Optional[int] = None, grouping: bool = True, templates: Any = None,
-                          split: str = "test", batch_size: int = 50) -> Dict[str, Any]:
+                          split: str = "test", batch_size: int = 50, refine: bool = False) -> Dict[str, Any]:
     """Zero-shot mIoU on ``count`` held-out synthetic scenes, with ``groupvit_core.segmentation``'s protocol.
 
     Classes: the synthetic entities (4 grounds + 9 objects, one prompt "a photo of a {}." each); whole image at
     its own size (no 448 resize, no windows), hard grouping, top-5 classes, no background threshold (every pixel
     of the world has a name). Label 0 ("background") is never in the masks; it is absent from the mean. The
-    scenes are drawn at ``image_size`` px, by default the model's own (``vision_config.image_size``).
+    scenes are drawn at ``image_size`` px, by default the model's own (``vision_config.image_size``). ``refine``:
+    the label maps refined on the images' pixels (``ZeroShotSegmenter(refine=True)``, the built-in's setting).
     """
     from groupvit_core.datasets import SegmentationMetric
     from groupvit_core.segmentation import ZeroShotSegmenter
@@ -602,7 +603,7 @@ def evaluate_segmentation(model: GroupViTModel, count: int = 200, tokenizer: Any
         backend = PatchBackend(backend)
     tokenizer = tokenizer or GroupViTTokenizer.from_pretrained(_empty_dir())
     segmenter = ZeroShotSegmenter(backend, tokenizer, preset=preset, window="whole", short_side=None,
-                                  background_threshold=None, batch_size=batch_size)
+                                  background_threshold=None, batch_size=batch_size, refine=refine)
     segmenter.set_classes(list(synthetic.ENTITY_NAMES), templates=templates)
     metric = SegmentationMetric(len(synthetic.CLASS_NAMES))
     image_size = image_size or model.config.vision_config.image_size
@@ -616,7 +617,7 @@ def evaluate_segmentation(model: GroupViTModel, count: int = 200, tokenizer: Any
     model.train(was_training)
     iou = {name: (None if np.isnan(v) else float(v)) for name, v in zip(synthetic.CLASS_NAMES, scores["iou"])}
     return {"miou": float(scores["miou"]), "pixel_accuracy": float(scores["pixel_accuracy"]), "iou": iou,
-            "count": count, "grouping": grouping}
+            "count": count, "grouping": grouping, "refine": refine}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -42,6 +42,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "preprocessor); default: imagenet (the built-in model: its own setting)")
     parser.add_argument("--batch-size", type=int, default=4, metavar="B",
                         help="windows per forward pass; evaluate also reads B images at a time (default 4)")
+    parser.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
+                        help="refine the label map on the image's own pixels (labels follow colour edges; not "
+                             "the paper's protocol); default: off (the built-in model: its own setting, on)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,6 +105,7 @@ def build_segmenter(args: argparse.Namespace, model: str, background_threshold: 
     args.window = args.window or options.get("window", "slide")
     args.preset = args.preset or options.get("preset", seg.DEFAULT_PRESET)
     extra = {key: options[key] for key in ("short_side", "top_k") if key in options}
+    extra["refine"] = options.get("refine", False) if args.refine is None else args.refine
     segmenter = seg.ZeroShotSegmenter(backend, tokenizer, preset=args.preset, window=args.window,
                                       background_threshold=background_threshold, batch_size=args.batch_size,
                                       **extra)

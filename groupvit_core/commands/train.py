@@ -64,7 +64,7 @@ def export_builtin(model_dir: str, target: str) -> str:
     config.save_pretrained(target)
     write_safetensors(os.path.join(target, "model.safetensors"), state, dtype="float16")
     settings = {"window": "whole", "short_side": config.vision_config.image_size, "preset": "imagenet", "background_threshold": None,
-                "top_k": 5, "templates": "single", "image_size": config.vision_config.image_size,
+                "top_k": 5, "refine": True, "templates": "single", "image_size": config.vision_config.image_size,
                 "class_names": list(synthetic.ENTITY_NAMES)}
     atomic_write_text(os.path.join(target, SEGMENTATION_FILE), json.dumps(settings, indent=1) + "\n")
     return target

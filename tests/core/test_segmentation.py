@@ -18,6 +18,7 @@ from groupvit_core.segmentation import (
     group_class_scores,
     hard_group_map,
     plan_windows,
+    refine_label_map,
 )
 from groupvit_core.tokenizer import GroupViTTokenizer
 
@@ -503,6 +504,100 @@ def test_segmenter_errors(tokenizer):
         segmenter.segment(["/nonexistent/picture.jpg"])
 
 
+def _brute_refine(image, labels, num_labels, iterations, dilations, sigma):
+    """refine_label_map from its docstring, pixel by pixel in float64 -> (probabilities (L, H, W), labels)."""
+    height, width = labels.shape
+    colours = image.astype(np.float64) / 255.0
+    offsets = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+
+    def at(y, x):
+        return min(max(y, 0), height - 1), min(max(x, 0), width - 1)
+
+    weights = np.zeros((height, width, len(offsets)))
+    for y in range(height):
+        for x in range(width):
+            around = np.array([colours[at(y + dy, x + dx)] for dy, dx in offsets])  # (K, 3)
+            distance = np.abs(around - colours[y, x]).mean(axis=1)
+            spread = around.std(axis=0).mean()
+            logits = -distance / (sigma + spread + 1e-8)
+            weights[y, x] = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    probabilities = np.eye(num_labels)[labels]  # (H, W, L)
+    for _ in range(iterations):
+        new = np.zeros_like(probabilities)
+        for y in range(height):
+            for x in range(width):
+                for k, (dy, dx) in enumerate(offsets):
+                    new[y, x] += weights[y, x, k] * probabilities[at(y + dy, x + dx)]
+        probabilities = new
+    return probabilities, probabilities.argmax(axis=-1)
+
+
+def test_refine_label_map_matches_its_definition():
+    rng = np.random.RandomState(3)
+    image = rng.randint(0, 256, size=(9, 11, 3)).astype(np.uint8)
+    image[:, 6:] = np.clip(image[:, 6:] // 4 + 180, 0, 255)  # two regions of different colour
+    labels = rng.randint(0, 3, size=(9, 11))
+    for iterations, dilations, sigma in ((2, (1, 2), 0.05), (3, (1, 3), 0.0), (1, (2,), 0.5)):
+        probabilities, expected = _brute_refine(image, labels, 3, iterations, dilations, sigma)
+        got = refine_label_map(image, labels, 3, iterations=iterations, dilations=dilations, sigma=sigma)
+        assert got.dtype == np.int32 and got.shape == labels.shape
+        top2 = np.sort(probabilities, axis=-1)[..., -2:]
+        clear = top2[..., 1] - top2[..., 0] > 1e-4  # leave out near-ties (float32 against float64)
+        assert clear.mean() > 0.9
+        np.testing.assert_array_equal(got[clear], expected[clear])
+
+
+def test_refine_label_map_moves_a_blocky_boundary_to_the_colour_edge():
+    rng = np.random.RandomState(0)
+    image = np.zeros((24, 32, 3), dtype=np.uint8)
+    image[:, :13] = (40, 140, 40)  # grass-like on the left, a red object from column 13 on
+    image[:, 13:] = (200, 30, 30)
+    image = np.clip(image.astype(int) + rng.randint(-10, 11, size=image.shape), 0, 255).astype(np.uint8)
+    blocky = np.zeros((24, 32), dtype=np.int64)
+    blocky[:, 16:] = 1  # the labels of a 4 px patch grid: the boundary 3 px too far right
+    truth = np.zeros((24, 32), dtype=np.int32)
+    truth[:, 13:] = 1
+    refined = refine_label_map(image, blocky, 2)
+    np.testing.assert_array_equal(refined, truth)
+    np.testing.assert_array_equal(refine_label_map(image, blocky, 2, iterations=0), blocky)
+
+
+def test_refine_label_map_rejects_bad_input():
+    image = np.zeros((4, 5, 3), dtype=np.uint8)
+    labels = np.zeros((4, 5), dtype=np.int64)
+    with pytest.raises(ValueError, match="image must be"):
+        refine_label_map(image[..., 0], labels, 2)
+    with pytest.raises(ValueError, match="does not match"):
+        refine_label_map(image, labels[:3], 2)
+    with pytest.raises(TypeError, match="integers"):
+        refine_label_map(image, labels.astype(np.float32), 2)
+    with pytest.raises(ValueError, match=r"in \[0, 2\)"):
+        refine_label_map(image, labels + 2, 2)
+    with pytest.raises(ValueError, match="iterations"):
+        refine_label_map(image, labels, 2, iterations=-1)
+    with pytest.raises(ValueError, match="dilations is empty"):
+        refine_label_map(image, labels, 2, dilations=())
+    with pytest.raises(ValueError, match="dilation must be a positive integer"):
+        refine_label_map(image, labels, 2, dilations=(1, 0))
+    with pytest.raises(ValueError, match="sigma"):
+        refine_label_map(image, labels, 2, sigma=-0.1)
+
+
+def test_segmenter_refine_moves_labels_only(tokenizer):
+    images = [_image(20, 20), _image(24, 28, seed=1)]
+    results = {}
+    for refine in (False, True):
+        segmenter = ZeroShotSegmenter(FakeBackend(), tokenizer, window="whole", short_side=None, refine=refine)
+        segmenter.set_classes(["a", "b", "c"])
+        results[refine] = segmenter.segment(images)
+    for image, plain, refined in zip(images, results[False], results[True]):
+        np.testing.assert_array_equal(refined.probabilities, plain.probabilities)
+        np.testing.assert_array_equal(refined.group_map, plain.group_map)
+        np.testing.assert_array_equal(refined.label_map, refine_label_map(image, plain.label_map, 3))
+    with pytest.raises(TypeError, match="refine must be True or False"):
+        ZeroShotSegmenter(FakeBackend(), tokenizer, refine="yes")
+
+
 def test_result_class_shares():
     result = SegmentationResult(np.array([[0, 1], [1, 1]], np.int32), np.zeros((3, 2, 2), np.float32),
                                 np.zeros((2, 2), np.int32), ("background", "cat", "dog"), True)
@@ -629,7 +724,8 @@ def test_evaluate_cli_names_the_missing_dataset_path(tmp_path, capsys):
 def test_cli_help_lists_the_options(capsys):
     from groupvit_core.cli import main
 
-    for command, options in (("segment", ["--labels", "--background-threshold", "--templates", "--window"]),
+    for command, options in (("segment", ["--labels", "--background-threshold", "--templates", "--window",
+                                          "--refine", "--no-refine"]),
                              ("evaluate", ["--data", "--format", "--limit", "--output-json"])):
         with pytest.raises(SystemExit):
             main([command, "--help"])

@@ -312,6 +312,7 @@ def test_builtin_model_loads_in_pytorch():
     size = sum(os.path.getsize(os.path.join(builtin_model_path(), f)) for f in os.listdir(builtin_model_path()))
     assert size < 10 * 2**20
     assert builtin_segmenter_options()["window"] == "whole"
+    assert builtin_segmenter_options()["refine"] is True  # chosen on the validation split (RESULTS_TRAINING.md)
     assert builtin_class_names() == synthetic.ENTITY_NAMES
     result = tr.evaluate_segmentation(model, count=4)
     assert 0.0 <= result["miou"] <= 1.0
