@@ -442,14 +442,16 @@ def refine_label_map(image: np.ndarray, label_map: np.ndarray, num_labels: int,
     weights = -distance / (np.float32(sigma) + spread + np.float32(1e-8))
     weights = np.exp(weights - weights.max(axis=0, keepdims=True))
     weights /= weights.sum(axis=0, keepdims=True)
-    probabilities = np.zeros((num_labels, height, width), dtype=np.float32)
-    np.put_along_axis(probabilities, label_map[None].astype(np.int64), 1.0, axis=0)
+    # Only the labels present can spread (an absent label stays at 0 everywhere): propagate those, in order.
+    present, compact = np.unique(label_map, return_inverse=True)
+    probabilities = np.zeros((len(present), height, width), dtype=np.float32)
+    np.put_along_axis(probabilities, compact.reshape(1, height, width), 1.0, axis=0)
     for _ in range(int(iterations)):
         source = padded(probabilities)
         probabilities = np.zeros_like(probabilities)
         for k, (dy, dx) in enumerate(offsets):
             probabilities += weights[k] * shifted(source, dy, dx)
-    return np.argmax(probabilities, axis=0).astype(np.int32)
+    return present[np.argmax(probabilities, axis=0)].astype(np.int32)
 
 
 def _softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:

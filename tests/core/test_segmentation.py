@@ -536,10 +536,10 @@ def test_refine_label_map_matches_its_definition():
     rng = np.random.RandomState(3)
     image = rng.randint(0, 256, size=(9, 11, 3)).astype(np.uint8)
     image[:, 6:] = np.clip(image[:, 6:] // 4 + 180, 0, 255)  # two regions of different colour
-    labels = rng.randint(0, 3, size=(9, 11))
+    labels = 2 * rng.randint(0, 3, size=(9, 11))  # labels 0, 2, 4 of 6: absent labels must not matter
     for iterations, dilations, sigma in ((2, (1, 2), 0.05), (3, (1, 3), 0.0), (1, (2,), 0.5)):
-        probabilities, expected = _brute_refine(image, labels, 3, iterations, dilations, sigma)
-        got = refine_label_map(image, labels, 3, iterations=iterations, dilations=dilations, sigma=sigma)
+        probabilities, expected = _brute_refine(image, labels, 6, iterations, dilations, sigma)
+        got = refine_label_map(image, labels, 6, iterations=iterations, dilations=dilations, sigma=sigma)
         assert got.dtype == np.int32 and got.shape == labels.shape
         top2 = np.sort(probabilities, axis=-1)[..., -2:]
         clear = top2[..., 1] - top2[..., 0] > 1e-4  # leave out near-ties (float32 against float64)
