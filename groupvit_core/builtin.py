@@ -6,7 +6,8 @@ It was trained from captions only (see RESULTS_TRAINING.md for how, and its meas
 segments images of that world: grounds ("grass", "sand", "water", "asphalt") and coloured shapes ("red circle",
 "blue square", "yellow triangle", ...). ``groupvit segment`` and ``groupvit evaluate`` use it when no ``--model``
 is given; its segmentation settings (the image resized to a 64 px short side, the whole image in one window, no
-background threshold, the label map refined on the image's pixels) are in ``segmentation.json`` and come back from ``builtin_segmenter_options()``.
+background threshold, the label map refined on the image's pixels) are in ``segmentation.json`` and come back
+from ``builtin_segmenter_options()``.
 """
 
 from __future__ import annotations

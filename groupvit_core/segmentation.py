@@ -420,7 +420,7 @@ def refine_label_map(image: np.ndarray, label_map: np.ndarray, num_labels: int,
     pad = max(dilations)
     offsets = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
 
-    def shifted(padded: np.ndarray, dy: int, dx: int) -> np.ndarray:  # a padded (..., H+2p, W+2p) moved by one offset
+    def shifted(padded: np.ndarray, dy: int, dx: int) -> np.ndarray:  # (..., H+2p, W+2p) -> moved (..., H, W)
         return padded[..., pad + dy:pad + dy + height, pad + dx:pad + dx + width]
 
     def padded(array: np.ndarray) -> np.ndarray:  # edges replicated
@@ -508,10 +508,11 @@ class SegmentationResult:
 
     label_map (H, W) int32: ``class_names[label]`` names each pixel (0 = "background" when a background threshold
     was set, classes 1..K; otherwise classes 0..K-1). probabilities (C, H, W) float32, C = len(class_names): the
-    scores the label is the argmax of (before ``refine``, which moves labels only): each class channel is the NVlabs score (in [0, 1]) of the pixel's group,
-    the background channel the share of windows that called the pixel background; averaged over windows and
-    resized bilinearly, not normalised to sum to 1. group_map (H, W) int32: the hard group of each pixel (ids
-    offset per window in sliding mode, so groups of different windows differ).
+    scores the label is the argmax of (before ``refine``, which moves labels only): each class channel is the
+    NVlabs score (in [0, 1]) of the pixel's group, the background channel the share of windows that called the
+    pixel background; averaged over windows and resized bilinearly, not normalised to sum to 1. group_map (H, W)
+    int32: the hard group of each pixel (ids offset per window in sliding mode, so groups of different windows
+    differ).
     """
 
     label_map: np.ndarray
