@@ -106,6 +106,61 @@ def prompt_batch(class_names: Sequence[str], rng: Optional[np.random.Generator] 
 POSITION_INITS: Tuple[str, ...] = ("random", "sincos")
 
 
+# Patch-grid neighbour offsets of the affinity term, each undirected pair once: right, down and the two diagonals,
+# at every dilation of AFFINITY_DILATIONS.
+AFFINITY_OFFSETS: Tuple[Tuple[int, int], ...] = ((0, 1), (1, 0), (1, 1), (1, -1))
+AFFINITY_DILATIONS: Tuple[int, ...] = (1, 2)
+
+
+def patch_neighbours(rows: int, cols: int, dilations: Sequence[int] = AFFINITY_DILATIONS) -> Tuple[np.ndarray,
+                                                                                                   np.ndarray]:
+    """The neighbours of each patch of a (rows, cols) grid (row-major, as the vision tower orders its patches)
+    -> (index (rows * cols, K) int64, valid (rows * cols, K) bool), K = 4 * len(dilations): for every offset of
+    ``AFFINITY_OFFSETS`` times a dilation, the patch it points to; where that falls off the grid, the patch itself
+    with valid False."""
+    if rows < 1 or cols < 1:
+        raise ValueError(f"grid must be at least 1x1, got {rows}x{cols}")
+    dilations = [int(d) for d in dilations]
+    if not dilations or min(dilations) < 1:
+        raise ValueError(f"dilations must be positive integers, got {list(dilations)}")
+    row, col = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    row, col = row.ravel(), col.ravel()
+    index, valid = [], []
+    for dilation in dilations:
+        for dy, dx in AFFINITY_OFFSETS:
+            r, c = row + dy * dilation, col + dx * dilation
+            ok = (r >= 0) & (r < rows) & (c >= 0) & (c < cols)
+            index.append(np.where(ok, r * cols + c, row * cols + col))
+            valid.append(ok)
+    return np.stack(index, axis=1).astype(np.int64), np.stack(valid, axis=1)
+
+
+def patch_affinities(images: np.ndarray, patch_size: int, dilations: Sequence[int] = AFFINITY_DILATIONS
+                     ) -> np.ndarray:
+    """Colour affinity between neighbouring patches, from the images' own pixels (no labels): (B, N, K) float32.
+
+    ``images``: (B, H, W, 3) uint8 (H and W multiples of ``patch_size``). Each patch is its mean colour (in [0, 1]);
+    the affinity of patch n and its k-th neighbour (``patch_neighbours``) is exp(-d^2 / mean d^2), d the distance
+    of their colours and the mean taken over the image's valid pairs, so the scale adapts to each image's
+    contrast (as PAMR normalises by the local spread); 0 for neighbours off the grid. Pairs inside one uniformly
+    coloured region score near 1, pairs across a colour edge near 0."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be (batch, height, width, 3), got shape {images.shape}")
+    batch, height, width, _ = images.shape
+    if patch_size < 1 or height % patch_size or width % patch_size:
+        raise ValueError(f"image size {height}x{width} is not a multiple of patch_size {patch_size}")
+    rows, cols = height // patch_size, width // patch_size
+    colours = images.astype(np.float32).reshape(batch, rows, patch_size, cols, patch_size, 3).mean(axis=(2, 4))
+    colours = colours.reshape(batch, rows * cols, 3) / 255.0
+    index, valid = patch_neighbours(rows, cols, dilations)
+    distance = ((colours[:, :, None, :] - colours[:, index, :]) ** 2).sum(axis=-1)  # (B, N, K)
+    validf = valid[None].astype(np.float32)
+    scale = (distance * validf).sum(axis=(1, 2)) / max(float(validf.sum()), 1.0)
+    weights = np.exp(-distance / np.maximum(scale, 1e-8)[:, None, None]) * validf
+    return weights.astype(np.float32)
+
+
 def sincos_position_table(rows: int, cols: int, dim: int, temperature: float = 10000.0) -> np.ndarray:
     """A (rows * cols, dim) float32 2-D sine-cosine position table (row-major patches, as the vision tower orders
     them): the first half of the channels encodes the row, the second half the column, each as sin and cos of
@@ -154,6 +209,10 @@ class TrainConfig:
     # the group loss counts only the groups that own at least one patch (hard assignment), so that a caption's
     # entity must be named by a group holding pixels, not by a group token that saw it through attention alone
     group_owned_only: bool = False
+    # label-free grouping prior: neighbouring patches of similar colour (``patch_affinities``, from the image's own
+    # pixels) should fall in the same group: sum of affinity * (1 - agreement of their soft assignments), averaged
+    # over the affinity mass; keeps groups from spreading over a colour edge into their surroundings
+    affinity_weight: float = 0.0
     # initial vision position table: "random" (the reference's normal init) or "sincos" (2-D sine-cosine, as in
     # MAE: neighbouring patches start out with similar positions, so attention can look locally from step 0)
     position_init: str = "random"
@@ -184,6 +243,8 @@ class TrainConfig:
             raise ValueError(f"group_token_dropout must be in [0, 1), got {self.group_token_dropout}")
         if self.lr <= 0 or self.min_lr < 0 or self.weight_decay < 0 or self.warmup_steps < 0:
             raise ValueError("lr must be positive; min_lr, weight_decay and warmup_steps non-negative")
+        if self.affinity_weight < 0:
+            raise ValueError(f"affinity_weight must be non-negative, got {self.affinity_weight}")
         if self.prompt_uniformity_weight < 0 or self.prompt_uniformity_temperature <= 0:
             raise ValueError("prompt_uniformity_weight must be non-negative and prompt_uniformity_temperature "
                              f"positive, got {self.prompt_uniformity_weight} and {self.prompt_uniformity_temperature}")

@@ -289,15 +289,18 @@ class TrainingData:
         """Scenes ``index`` normalised for the model: (n, 3, H, W) float32."""
         return model_pixels(self.images[index], self.preset)
 
-    def numpy_batch(self, step: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def numpy_batch(self, step: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                    affinity_patch: int = 0):
         """dict of numpy: pixel_values, input_ids, attention_mask (this process' images and captions),
-        prompt_ids, prompt_mask (one prompt per class, template drawn per step) and targets (multi-hot)."""
+        prompt_ids, prompt_mask (one prompt per class, template drawn per step) and targets (multi-hot); with
+        ``affinity_patch`` (the model's patch size) also patch_affinity, ``losses.patch_affinities`` of the
+        images (what ``TrainConfig.affinity_weight`` trains with)."""
         rng = np.random.default_rng([seed, step])
         index = rng.choice(len(self), size=batch_size, replace=len(self) < batch_size)
         template = rng.integers(len(self.templates), size=len(self.class_names))
         index = np.array_split(index, world_size)[rank]
         classes = np.arange(len(self.class_names))
-        return dict(
+        batch = dict(
             pixel_values=self.pixels(index),
             input_ids=self.caption_ids[index],
             attention_mask=self.caption_mask[index],
@@ -305,6 +308,11 @@ class TrainingData:
             prompt_mask=self.prompt_mask[template, classes],
             targets=self.targets[index],
         )
+        if affinity_patch:
+            from . import losses
+
+            batch["patch_affinity"] = losses.patch_affinities(self.images[index], int(affinity_patch))
+        return batch
 
 
 def save_demo(path: str, index: int = 0, size: int = 128) -> Scene:

@@ -11,6 +11,10 @@ Losses (all text supervision; masks are never seen):
   final group's embedding is classified against the class prompts; each entity of the caption must be the
   best class of some group (coverage: -log max_g p(entity | g)) and each group must name an entity of its
   caption (purity: -log sum_{e in caption} p(e | g)).
+- ``affinity`` (optional, ``TrainConfig.affinity_weight``): a label-free grouping prior from the image's own
+  pixels: neighbouring patches of similar colour (``groupvit_core.losses.patch_affinities``) should share a group,
+  sum of affinity * (1 - agreement of their soft assignments). Further optional terms: ``pixel`` and
+  ``uniformity`` (see TrainConfig).
 
 ``Trainer`` runs AdamW with linear warm-up and cosine decay, seeded and deterministic on the CPU (batches come
 from ``(seed, step)``, Gumbel noise from the trainer's own copy of torch's RNG), writes
@@ -90,10 +94,10 @@ def builtin_model_config(text_hidden: int = 64, vision_hidden: int = 96, patch_s
 class SyntheticData(synthetic.TrainingData):
     """``groupvit_core.synthetic.TrainingData`` with batches as torch tensors."""
 
-    def batch(self, step: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
-              ) -> Dict[str, torch.Tensor]:
+    def batch(self, step: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+              affinity_patch: int = 0) -> Dict[str, torch.Tensor]:
         """The share of process ``rank`` of the global batch of ``step`` (the same on every run with ``seed``)."""
-        arrays = self.numpy_batch(step, batch_size, seed, rank, world_size)
+        arrays = self.numpy_batch(step, batch_size, seed, rank, world_size, affinity_patch)
         return {name: torch.from_numpy(value) for name, value in arrays.items()}
 
 
@@ -183,6 +187,16 @@ def pixel_group_loss(pixel_embeds: torch.Tensor, group_embeds: torch.Tensor, pro
     return (coverage + purity + consistency) / 3
 
 
+def affinity_loss(soft: torch.Tensor, weights: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+    """Colour-affinity grouping prior: sum over patches n and their neighbours m of w_nm * (1 - <s_n, s_m>),
+    divided by the sum of w. ``soft`` (B, G, N): the patches' soft assignment to the final groups; ``weights``
+    (B, N, K): ``groupvit_core.losses.patch_affinities``; ``neighbours`` (N, K): ``patch_neighbours``' index."""
+    batch, count, patches = soft.shape
+    other = soft[:, :, neighbours.reshape(-1)].reshape(batch, count, patches, -1)
+    agreement = (soft[..., None] * other).sum(dim=1)  # (B, N, K)
+    return (weights * (1.0 - agreement)).sum() / weights.sum().clamp_min(1e-12)
+
+
 def soft_cross_entropy_log(log_p: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -(targets * log_p).sum(dim=-1)
 
@@ -267,8 +281,8 @@ class TrainingModule(nn.Module):
         self.train_config = config
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, targets: torch.Tensor
-                ) -> Dict[str, torch.Tensor]:
+                prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, targets: torch.Tensor,
+                patch_affinity: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         model, cfg = self.model, self.train_config
         groups, pooled, patches, soft = vision_forward(model, pixel_values, cfg.group_token_dropout)
         batch, count, hidden = groups.shape
@@ -300,14 +314,23 @@ class TrainingModule(nn.Module):
             "pixel": zero,
             "uniformity": prompt_uniformity_loss(prompt_embeds, cfg.prompt_uniformity_temperature)
             if cfg.prompt_uniformity_weight else zero,
+            "affinity": zero,
         }
+        if cfg.affinity_weight:
+            if patch_affinity is None:
+                raise ValueError("TrainConfig.affinity_weight needs the batch's patch_affinity (numpy_batch(..., "
+                                 "affinity_patch=PATCH_SIZE))")
+            patch = model.config.vision_config.patch_size
+            index, _ = core_losses.patch_neighbours(pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+            parts["affinity"] = affinity_loss(soft, patch_affinity, torch.from_numpy(index).to(soft.device))
         if cfg.pixel_weight:
             pixel_embeds = normalize(projected[batch * count + batch:]).reshape(batch, count, -1)
             parts["pixel"] = pixel_group_loss(pixel_embeds, group_embeds, prompt_embeds, targets, scale,
                                               sizes > 0)
         parts["loss"] = (cfg.contrastive_weight * parts["contrastive"] + cfg.multilabel_weight * parts["multilabel"]
                          + cfg.group_weight * parts["group"] + cfg.pixel_weight * parts["pixel"]
-                         + cfg.prompt_uniformity_weight * parts["uniformity"])
+                         + cfg.prompt_uniformity_weight * parts["uniformity"]
+                         + cfg.affinity_weight * parts["affinity"])
         return parts
 
 
@@ -423,6 +446,8 @@ class Trainer:
         self.tokenizer = tokenizer or GroupViTTokenizer.from_pretrained(_empty_dir())
         self.data = data or SyntheticData(self.tokenizer, config.pool_size, config.image_size, config.max_objects,
                                           config.max_text_length, config.preset)
+        # the affinity term's colour affinities are computed per batch from the scenes at the model's patch size
+        self.affinity_patch = model.config.vision_config.patch_size if config.affinity_weight else 0
         self.module: nn.Module = TrainingModule(model, config)
         if self.world_size > 1:
             self.module = nn.parallel.DistributedDataParallel(self.module)
@@ -505,7 +530,8 @@ class Trainer:
                    dynamic_ncols=True, desc="train")
         start_time, start_step = time.perf_counter(), self.step
         while self.step < end:
-            batch = self.data.batch(self.step, cfg.batch_size, cfg.seed, self.rank, self.world_size)
+            batch = self.data.batch(self.step, cfg.batch_size, cfg.seed, self.rank, self.world_size,
+                                    self.affinity_patch)
             batch = {name: value.to(self.device, non_blocking=True) for name, value in batch.items()}
             record = self.train_step(batch)
             record["step"] = self.step
@@ -669,6 +695,10 @@ VARIANTS: Dict[str, Tuple[Dict[str, Any], Dict[str, Any]]] = {
     "owned_tokdrop": ({"vision_hidden": 64, "depths": (2, 1)},
                       {"prompt_uniformity_weight": 1.0, "pool_size": 40000, "steps": 2500, "group_token_dropout": 0.7,
                        "group_owned_only": True, "eval_every": 250, "keep_best": True}),
+    # "owned_tokdrop" + the colour-affinity grouping prior (TrainConfig.affinity_weight)
+    "owned_aff": ({"vision_hidden": 64, "depths": (2, 1)},
+                  {"prompt_uniformity_weight": 1.0, "pool_size": 40000, "steps": 2500, "group_token_dropout": 0.7,
+                   "group_owned_only": True, "eval_every": 250, "keep_best": True, "affinity_weight": 1.0}),
     "small_unif10": ({"vision_hidden": 64, "depths": (2, 1)}, {"prompt_uniformity_weight": 1.0,
                                                                 "prompt_uniformity_temperature": 10.0}),
 }

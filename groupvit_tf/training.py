@@ -1,9 +1,10 @@
 """Training GroupViT in TensorFlow/Keras 3: the losses of groupvit_pt.training and a Keras ``fit`` step.
 
 The same losses as PyTorch (image-text contrastive, the multi-label contrastive loss with soft targets, the
-group-level term and the optional pixel-group term; see groupvit_pt/training.py for what each does), computed by
-``compute_losses(model, batch, config, training)`` on a TFGroupViTModel. With Gumbel noise off
-(``model.set_gumbel(False)``) and the same canonical weights, loss and gradients of a batch equal PyTorch's.
+group-level term, the optional pixel-group, prompt-uniformity and colour-affinity terms, and group-token dropout;
+see groupvit_pt/training.py for what each does), computed by ``compute_losses(model, batch, config, training)``
+on a TFGroupViTModel. With Gumbel noise off (``model.set_gumbel(False)``) and the same canonical weights, loss and
+gradients of a batch equal PyTorch's.
 
 ``GroupViTTrainingModel`` wraps a TFGroupViTModel in a keras.Model whose ``train_step`` computes these losses,
 so that ``compile(optimizer=...)`` and ``fit(dataset)`` run; ``make_dataset`` turns the synthetic world
@@ -19,6 +20,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import keras
 import numpy as np
 import tensorflow as tf
+
+from groupvit_core import losses as core_losses
 
 from .modeling import TFGroupViTModel, _run_sequence
 
@@ -104,9 +107,37 @@ def pixel_group_loss(pixel_embeds, group_embeds, prompt_embeds, targets, scale, 
     return (coverage + purity + consistency) / 3.0
 
 
-def vision_forward(model: TFGroupViTModel, pixel_values: tf.Tensor, training: bool = False
+def affinity_loss(soft, weights, neighbours) -> tf.Tensor:
+    """Mirror of groupvit_pt.training.affinity_loss: sum of w_nm * (1 - <s_n, s_m>) over neighbouring patches,
+    divided by the sum of w (soft (B, G, N), weights (B, N, K), neighbours (N, K) int)."""
+    other = tf.gather(soft, neighbours, axis=2)  # (B, G, N, K)
+    agreement = tf.reduce_sum(soft[..., None] * other, axis=1)
+    weights = tf.convert_to_tensor(weights, soft.dtype)
+    return tf.reduce_sum(weights * (1.0 - agreement)) / tf.maximum(tf.reduce_sum(weights), 1e-12)
+
+
+def _assign_tokens(assign, image_tokens: tf.Tensor, group_tokens: tf.Tensor, token_dropout: float,
+                   training: bool) -> Tuple[tf.Tensor, tf.Tensor]:
+    """Mirror of groupvit_pt.training._assign_tokens: TFGroupViTTokenAssign.call with each group's own
+    (projected) token dropped from its output with probability ``token_dropout`` (per image and group)."""
+    if not token_dropout:
+        return assign(image_tokens, group_tokens, training=training)
+    group_tokens = assign.norm_tokens(group_tokens)
+    image_tokens = assign.norm_x(image_tokens)
+    projected = assign.norm_post_tokens(assign.mlp_inter(group_tokens, training=training))
+    projected = assign.pre_assign_attn(projected, image_tokens, training=training)
+    new_tokens, soft = assign.assign(projected, image_tokens, training=training)
+    keep = tf.cast(tf.random.uniform(tf.shape(projected)[:2]) >= token_dropout, projected.dtype)
+    new_tokens = new_tokens + projected * keep[..., None]
+    new_tokens = assign.mlp_channels(assign.norm_new_x(new_tokens), residual=new_tokens, training=training)
+    return new_tokens, soft
+
+
+def vision_forward(model: TFGroupViTModel, pixel_values: tf.Tensor, training: bool = False,
+                   token_dropout: float = 0.0
                    ) -> Tuple[tf.Tensor, tf.Tensor, Optional[tf.Tensor], Optional[tf.Tensor]]:
-    """Mirror of groupvit_pt.training.vision_forward -> (last (B, G, C), pooled, first-stage patches, soft)."""
+    """Mirror of groupvit_pt.training.vision_forward -> (last (B, G, C), pooled, first-stage patches, soft);
+    ``token_dropout`` (training only): TrainConfig.group_token_dropout."""
     vision = model.vision_model
     hidden = vision.embeddings(pixel_values, training=training)
     prev_groups = None
@@ -131,7 +162,8 @@ def vision_forward(model: TFGroupViTModel, pixel_values: tf.Tensor, training: bo
         if stage.downsample is not None:
             if patches is None:
                 patches = image_tokens
-            image_tokens, soft = stage.downsample(image_tokens, group_tokens, training=training)
+            image_tokens, soft = _assign_tokens(stage.downsample, image_tokens, group_tokens,
+                                                token_dropout if training else 0.0, training)
             soft_first = soft if soft_first is None else tf.matmul(soft, soft_first)
         hidden, prev_groups = image_tokens, group_tokens
     last = vision.layernorm(hidden)
@@ -141,11 +173,13 @@ def vision_forward(model: TFGroupViTModel, pixel_values: tf.Tensor, training: bo
 def compute_losses(model: TFGroupViTModel, batch: Mapping[str, Any], config: Any,
                    training: bool = True) -> Dict[str, tf.Tensor]:
     """The training losses of one batch (keys of BATCH_KEYS) under ``config`` (a groupvit_pt-style TrainConfig
-    or any object with contrastive_weight, multilabel_weight, group_weight; pixel_weight and
-    prompt_uniformity_weight/_temperature are optional)."""
+    or any object with contrastive_weight, multilabel_weight, group_weight; pixel_weight,
+    prompt_uniformity_weight/_temperature, group_owned_only, group_token_dropout and affinity_weight are optional;
+    affinity_weight needs the batch's patch_affinity)."""
     pixel_values = tf.convert_to_tensor(batch["pixel_values"], tf.float32)
     targets = tf.convert_to_tensor(batch["targets"], tf.float32)
-    groups, pooled, patches, soft = vision_forward(model, pixel_values, training)
+    groups, pooled, patches, soft = vision_forward(model, pixel_values, training,
+                                                   float(getattr(config, "group_token_dropout", 0.0)))
     batch_size = tf.shape(groups)[0]
     count, hidden = groups.shape[1], groups.shape[2]
     flat = [tf.reshape(groups, [-1, hidden]), pooled]
@@ -177,7 +211,16 @@ def compute_losses(model: TFGroupViTModel, batch: Mapping[str, Any], config: Any
         if config.group_weight else zero,
         "pixel": zero,
         "uniformity": zero,
+        "affinity": zero,
     }
+    affinity_weight = float(getattr(config, "affinity_weight", 0.0))
+    if affinity_weight:
+        if "patch_affinity" not in batch:
+            raise ValueError("affinity_weight needs the batch's patch_affinity (numpy_batch(..., "
+                             "affinity_patch=PATCH_SIZE), make_dataset(..., affinity_patch=PATCH_SIZE))")
+        patch = model.config.vision_config.patch_size
+        index, _ = core_losses.patch_neighbours(pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+        parts["affinity"] = affinity_loss(soft, batch["patch_affinity"], tf.constant(index))
     uniformity_weight = float(getattr(config, "prompt_uniformity_weight", 0.0))
     if uniformity_weight:
         parts["uniformity"] = prompt_uniformity_loss(prompt_embeds,
@@ -187,7 +230,7 @@ def compute_losses(model: TFGroupViTModel, batch: Mapping[str, Any], config: Any
         parts["pixel"] = pixel_group_loss(pixel_embeds, group_embeds, prompt_embeds, targets, scale, sizes > 0)
     parts["loss"] = (config.contrastive_weight * parts["contrastive"] + config.multilabel_weight * parts["multilabel"]
                      + config.group_weight * parts["group"] + pixel_weight * parts["pixel"]
-                     + uniformity_weight * parts["uniformity"])
+                     + uniformity_weight * parts["uniformity"] + affinity_weight * parts["affinity"])
     return parts
 
 
@@ -226,7 +269,8 @@ class GroupViTTrainingModel(keras.Model):
         self.groupvit = model
         self.train_config = config
         self.trackers = {name: keras.metrics.Mean(name=name)
-                         for name in ("loss", "contrastive", "multilabel", "group", "pixel")}
+                         for name in ("loss", "contrastive", "multilabel", "group", "pixel", "uniformity",
+                                      "affinity")}
 
     def call(self, inputs, training: bool = False):
         return compute_losses(self.groupvit, inputs, self.train_config, training=training)
@@ -249,18 +293,19 @@ class GroupViTTrainingModel(keras.Model):
         return {name: tracker.result() for name, tracker in self.trackers.items()}
 
 
-def make_dataset(data: Any, config: Any, steps: Optional[int] = None) -> tf.data.Dataset:
+def make_dataset(data: Any, config: Any, steps: Optional[int] = None, affinity_patch: int = 0) -> tf.data.Dataset:
     """tf.data of the batches ``data.numpy_batch(step, batch_size, seed)`` for steps 0..steps-1 (the same
-    batches as the PyTorch trainer draws)."""
+    batches as the PyTorch trainer draws); ``affinity_patch`` (the model's patch size) adds the affinity term's
+    patch_affinity, which ``config.affinity_weight`` needs."""
     steps = config.steps if steps is None else steps
-    first = data.numpy_batch(0, config.batch_size, config.seed)
+    first = data.numpy_batch(0, config.batch_size, config.seed, affinity_patch=affinity_patch)
     signature = {k: tf.TensorSpec((None,) + v.shape[1:], tf.as_dtype(v.dtype)) for k, v in first.items()}
     signature["prompt_ids"] = tf.TensorSpec(first["prompt_ids"].shape, tf.int64)
     signature["prompt_mask"] = tf.TensorSpec(first["prompt_mask"].shape, tf.int64)
 
     def generate():
         for step in range(steps):
-            yield data.numpy_batch(step, config.batch_size, config.seed)
+            yield data.numpy_batch(step, config.batch_size, config.seed, affinity_patch=affinity_patch)
 
     dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
     # a known length, so that Keras' fit counts its steps instead of warning that the input ran out

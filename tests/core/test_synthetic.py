@@ -76,6 +76,67 @@ def test_voc_export_reads_back(tmp_path):
     assert os.path.isfile(tmp_path / "captions.txt")
 
 
+def test_patch_neighbours_and_affinities_match_their_definition():
+    index, valid = losses.patch_neighbours(3, 5, dilations=(1, 2))
+    assert index.shape == valid.shape == (15, 8)
+    for n in range(15):
+        r, c = divmod(n, 5)
+        for k, (dilation, (dy, dx)) in enumerate((d, o) for d in (1, 2) for o in losses.AFFINITY_OFFSETS):
+            rr, cc = r + dy * dilation, c + dx * dilation
+            inside = 0 <= rr < 3 and 0 <= cc < 5
+            assert valid[n, k] == inside and index[n, k] == (rr * 5 + cc if inside else n)
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(2, 12, 20, 3), dtype=np.uint8)
+    got = losses.patch_affinities(images, 4, dilations=(1, 2))
+    colours = images.astype(np.float64).reshape(2, 3, 4, 5, 4, 3).mean(axis=(2, 4)).reshape(2, 15, 3) / 255
+    for b in range(2):
+        d2 = {(n, k): float(((colours[b, n] - colours[b, index[n, k]]) ** 2).sum())
+              for n in range(15) for k in range(8) if valid[n, k]}
+        mean = sum(d2.values()) / len(d2)
+        for n in range(15):
+            for k in range(8):
+                expected = np.exp(-d2[n, k] / mean) if valid[n, k] else 0.0
+                assert got[b, n, k] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        losses.patch_affinities(images, 8)
+    with pytest.raises(ValueError, match="batch, height, width, 3"):
+        losses.patch_affinities(images[0], 4)
+    with pytest.raises(ValueError, match="dilations"):
+        losses.patch_neighbours(3, 3, dilations=(0,))
+    with pytest.raises(ValueError, match="grid"):
+        losses.patch_neighbours(0, 3)
+
+
+def test_affinities_are_high_inside_a_region_and_low_across_an_edge():
+    scene = synthetic.generate("train", 3)
+    weights = losses.patch_affinities(scene.image[None], 4)[0]
+    index, valid = losses.patch_neighbours(16, 16)
+    labels = scene.mask.reshape(16, 4, 16, 4).transpose(0, 2, 1, 3).reshape(256, 16)
+    pure = np.array([len(set(p)) == 1 for p in labels])
+    label = labels[:, 0]
+    both = pure[:, None] & pure[index] & valid
+    same, across = both & (label[:, None] == label[index]), both & (label[:, None] != label[index])
+    assert same.any() and across.any()
+    assert weights[same].mean() > 0.5 > 0.1 > weights[across].mean()
+
+
+def test_batches_carry_affinities_only_when_asked():
+    from groupvit_core.tokenizer import GroupViTTokenizer
+    import tempfile
+
+    empty = os.path.join(tempfile.gettempdir(), "groupvit_empty_tokenizer_dir")
+    os.makedirs(empty, exist_ok=True)
+    data = synthetic.TrainingData(GroupViTTokenizer.from_pretrained(empty), pool_size=4, image_size=32,
+                                  max_text_length=24)
+    plain, with_affinity = data.numpy_batch(0, 3, seed=0), data.numpy_batch(0, 3, seed=0, affinity_patch=4)
+    assert "patch_affinity" not in plain and with_affinity["patch_affinity"].shape == (3, 64, 8)
+    index = np.random.default_rng([0, 0]).choice(4, size=3, replace=False)  # as numpy_batch draws them
+    np.testing.assert_array_equal(with_affinity["patch_affinity"], losses.patch_affinities(data.images[index], 4))
+    assert all(np.array_equal(plain[k], with_affinity[k]) for k in plain)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown split"):
         synthetic.generate("validation", 0)

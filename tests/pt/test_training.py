@@ -95,6 +95,49 @@ def test_prompt_uniformity_loss_matches_numpy_and_pushes_close_prompts_apart():
         tr.TrainConfig(prompt_uniformity_weight=1.0, prompt_uniformity_temperature=0.0).validate()
 
 
+def test_affinity_loss_matches_numpy_and_favours_groups_that_follow_colour():
+    from groupvit_core.losses import patch_affinities, patch_neighbours
+
+    rng = np.random.default_rng(1)
+    index, valid = patch_neighbours(3, 4)
+    soft = rng.random((2, 5, 12))
+    soft /= soft.sum(axis=1, keepdims=True)
+    weights = rng.random((2, 12, index.shape[1])) * valid
+    expected = sum(weights[b, n, k] * (1 - soft[b, :, n] @ soft[b, :, index[n, k]])
+                   for b in range(2) for n in range(12) for k in range(index.shape[1])) / weights.sum()
+    got = float(tr.affinity_loss(torch.from_numpy(soft), torch.from_numpy(weights), torch.from_numpy(index)))
+    assert got == pytest.approx(expected, rel=1e-10)
+
+    # two colour regions (left and right half of a 4x4 grid): a grouping along the colour edge costs little (the
+    # edge pairs' affinity is small, not 0), one across it costs more, and one group for everything costs nothing
+    # (the group losses keep groups apart)
+    image = np.zeros((1, 16, 16, 3), np.uint8)
+    image[..., 8:, :] = 200
+    affinity = torch.from_numpy(patch_affinities(image, 4))
+    index = torch.from_numpy(patch_neighbours(4, 4)[0])
+    column = torch.arange(16) % 4
+    along = torch.nn.functional.one_hot((column >= 2).long(), 2).T[None].double()
+    across = torch.nn.functional.one_hot((torch.arange(16) // 4 >= 2).long(), 2).T[None].double()
+    one = torch.zeros(1, 2, 16, dtype=torch.float64)
+    one[:, 0] = 1.0
+    cost = {name: float(tr.affinity_loss(soft, affinity.double(), index))
+            for name, soft in (("along", along), ("across", across), ("one", one))}
+    assert cost["one"] == 0.0 and cost["along"] < 0.25 * cost["across"]
+
+
+def test_trainer_with_the_affinity_term_draws_affinities_and_needs_them(tokenizer, data):
+    trainer = _trainer(tokenizer, data, steps=2, affinity_weight=1.0)
+    assert trainer.affinity_patch == trainer.model.config.vision_config.patch_size
+    history = trainer.train()
+    assert all(0 < record["affinity"] < 1 for record in history)
+    batch = data.batch(0, 4, seed=0)
+    assert "patch_affinity" not in batch
+    with pytest.raises(ValueError, match="patch_affinity"):
+        trainer.module(**batch)
+    with pytest.raises(ValueError, match="affinity_weight"):
+        tr.TrainConfig(affinity_weight=-1.0).validate()
+
+
 def test_sincos_position_init():
     from groupvit_core.losses import sincos_position_table
 

@@ -46,8 +46,8 @@ def test_loss_and_gradients_equal_pytorch(data, owned_only):
     config = test_config("small")
     state = random_weights(config, seed=3)
     cfg = _config(pixel_weight=0.5, prompt_uniformity_weight=0.7, prompt_uniformity_temperature=6.0,
-                  group_owned_only=owned_only)
-    batch = data.numpy_batch(0, 4, seed=0)
+                  group_owned_only=owned_only, affinity_weight=0.4)
+    batch = data.numpy_batch(0, 4, seed=0, affinity_patch=config.vision_config.patch_size)
 
     pt_model = GroupViTModel(config)
     pt_model.load_canonical_state(state)
@@ -70,7 +70,8 @@ def test_loss_and_gradients_equal_pytorch(data, owned_only):
         tf_parts = tft.compute_losses(tf_model, batch, cfg, training=True)
     grads = tape.gradient(tf_parts["loss"], list(trainable.values()))
 
-    for key in ("contrastive", "multilabel", "group", "pixel", "uniformity", "loss"):
+    assert float(pt_parts["affinity"]) > 0
+    for key in ("contrastive", "multilabel", "group", "pixel", "uniformity", "affinity", "loss"):
         np.testing.assert_allclose(float(tf_parts[key]), float(pt_parts[key].detach()), rtol=2e-5, atol=2e-5, err_msg=key)
     specs = {spec.name: spec for spec in weight_specs(config)}
     largest = max(float(np.abs(g).max()) for g in pt_grads.values())
@@ -91,6 +92,31 @@ def test_loss_and_gradients_equal_pytorch(data, owned_only):
         np.testing.assert_allclose(got.reshape(expected.shape), expected, rtol=0, atol=2e-4 * scale, err_msg=name)
         compared += 1
     assert compared == len(pt_grads) and compared > 50
+
+
+def test_group_token_dropout_matches_pytorch(data):
+    """With every group's own token dropped (dropout 1 - 1e-9) both frameworks compute the same loss, and it
+    differs from the loss with nothing dropped: the dropout is live in the TensorFlow step too."""
+    torch = pytest.importorskip("torch")
+    from groupvit_pt import GroupViTModel
+    from groupvit_pt.training import TrainingModule
+
+    config = test_config("small")
+    state = random_weights(config, seed=5)
+    batch = data.numpy_batch(0, 4, seed=0)
+    losses = {}
+    for dropout in (0.0, 1.0 - 1e-9):
+        cfg = _config(group_token_dropout=dropout)
+        pt_model = GroupViTModel(config)
+        pt_model.load_canonical_state(state)
+        pt_model.set_gumbel(False)
+        with torch.no_grad():
+            pt_loss = float(TrainingModule(pt_model, cfg).train()(**{k: torch.from_numpy(v)
+                                                                     for k, v in batch.items()})["loss"])
+        tf_loss = float(tft.compute_losses(_tf_model(state), batch, cfg, training=True)["loss"])
+        assert tf_loss == pytest.approx(pt_loss, rel=2e-5, abs=2e-5)
+        losses[dropout] = tf_loss
+    assert abs(losses[0.0] - losses[1.0 - 1e-9]) > 1e-3
 
 
 def test_keras_fit_runs_and_changes_weights(data):
