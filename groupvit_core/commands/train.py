@@ -10,6 +10,7 @@ For data-parallel training over processes, run it under ``torchrun --nproc_per_n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -19,8 +20,54 @@ EPILOG = """examples:
   groupvit train --output runs/builtin                                # the built-in recipe (2500 steps)
   groupvit train --output runs/quick --time-budget 600                # shortened to fit 10 minutes
   groupvit train --output runs/builtin --resume                       # continue from runs/builtin/checkpoint
+  groupvit train --output runs/aff --set affinity_weight=0.5 --set steps=5000   # any TrainConfig option
   torchrun --nproc_per_node 2 -m groupvit_core train --output runs/ddp --steps 200
 """
+
+# TrainConfig options that have their own flag (``--set`` refuses them, so that one option has one spelling)
+_FLAGGED = {"steps": "--steps", "batch_size": "--batch-size", "lr": "--lr", "seed": "--seed",
+            "pool_size": "--pool-size", "eval_every": "--eval-every", "keep_best": "--keep-best",
+            "eval_count": "--eval-count (the final test evaluation's size)"}
+
+
+def parse_settings(items: List[str]) -> dict:
+    """``--set OPTION=VALUE`` items -> TrainConfig overrides. VALUE is read as JSON (numbers, true/false, lists)
+    and else kept as a string; its type must fit the option's default (an int where a float is expected is
+    fine)."""
+    from ..cli import CommandError
+    from ..losses import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    settings = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise CommandError(f"--set {item!r}: expected OPTION=VALUE, e.g. --set affinity_weight=0.5")
+        if name in _FLAGGED:
+            raise CommandError(f"--set {name}: use {_FLAGGED[name]}")
+        if name not in defaults:
+            raise CommandError(f"--set {name}: not a training option; choose one of "
+                               f"{', '.join(sorted(set(defaults) - set(_FLAGGED)))}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        default = defaults[name]
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            kind = {bool: "true or false", float: "a number", int: "a whole number"}.get(type(default), "a string")
+            raise CommandError(f"--set {name}={raw}: expected {kind} (default {json.dumps(default)})")
+        settings[name] = value
+    return settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export", metavar="DIR", default=None,
                         help="also write the model as a float16 built-in-style checkpoint to DIR")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="OPTION=VALUE",
+                        help="any other TrainConfig option, repeatable (e.g. affinity_weight=0.5, "
+                             "group_owned_only=false, group_token_dropout=0.5); values are JSON")
 
 
 def export_builtin(model_dir: str, target: str) -> str:
@@ -80,12 +130,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.variant not in VARIANTS:
         raise CommandError(f"--variant {args.variant}: choose one of {', '.join(sorted(VARIANTS))}")
+    settings = parse_settings(args.settings)
     with command_session(args.threads):
         result = train_synthetic(args.output, args.variant, time_budget=args.time_budget,
                                  eval_count=args.eval_count, device=args.device, resume=args.resume,
                                  progress=not args.quiet, evaluate=not args.no_eval, steps=args.steps,
                                  batch_size=args.batch_size, lr=args.lr, seed=args.seed, pool_size=args.pool_size,
-                                 eval_every=args.eval_every, keep_best=args.keep_best)
+                                 eval_every=args.eval_every, keep_best=args.keep_best, **settings)
         if "miou" in result:
             print(f"mIoU {result['miou']['miou']:.4f} (patch-level ablation "
                   f"{result['miou_patch_ablation']['miou']:.4f}, random weights "

@@ -459,3 +459,22 @@ def test_train_command_keep_best_and_its_errors(tmp_path, capsys):
                      "--eval-every", "0", "-q"]) == 1
     assert "keep_best needs eval_every" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_train_command_sets_any_training_option_and_rejects_bad_ones(tmp_path, capsys):
+    from groupvit_core.cli import main as cli_main
+
+    out = tmp_path / "set"
+    assert cli_main(["train", "--output", str(out), "--steps", "2", "--pool-size", "8", "--batch-size", "4",
+                     "--eval-every", "0", "--no-eval", "-q", "--variant", "unif_pool", "--set", "affinity_weight=1",
+                     "--set", "group_owned_only=true", "--set", "position_init=sincos"]) == 0
+    log = (out / "log.txt").read_text()
+    assert "affinity_weight=1.0" in log and "group_owned_only=True" in log and "position_init='sincos'" in log
+    history = json.loads((out / "checkpoint" / tr.TRAIN_STATE_FILE).read_text())["history"]
+    assert all(record["affinity"] > 0 for record in history)
+    for setting, message in (("steps=3", "use --steps"), ("stepz=3", "not a training option"),
+                             ("affinity_weight=abc", "expected a number"),
+                             ("gumbel=1", "expected true or false"), ("warmup_steps=1.5", "expected a whole number"), ("affinity_weight", "expected OPTION=VALUE")):
+        assert cli_main(["train", "--output", str(tmp_path / "bad"), "--set", setting, "-q"]) == 2, setting
+        assert message in capsys.readouterr().err, setting
+    assert not (tmp_path / "bad").exists()
