@@ -13,7 +13,7 @@ Losses (all text supervision; masks are never seen):
   caption (purity: -log sum_{e in caption} p(e | g)).
 - ``affinity`` (optional, ``TrainConfig.affinity_weight``): a label-free grouping prior from the image's own
   pixels: neighbouring patches of similar colour (``groupvit_core.losses.patch_affinities``) should share a group,
-  sum of affinity * (1 - agreement of their soft assignments). Further optional terms: ``pixel`` and
+  patches across a colour edge should not (``affinity_loss``). Further optional terms: ``pixel`` and
   ``uniformity`` (see TrainConfig).
 
 ``Trainer`` runs AdamW with linear warm-up and cosine decay, seeded and deterministic on the CPU (batches come
@@ -64,12 +64,13 @@ TrainConfig = core_losses.TrainConfig
 
 def builtin_model_config(text_hidden: int = 64, vision_hidden: int = 96, patch_size: int = 4,
                          groups: Union[int, Sequence[int]] = 8, depths: Sequence[int] = (3, 2), image_size: int = 64,
-                         assign_eps: float = 1.0) -> GroupViTConfig:
+                         assign_eps: float = 1.0, vision_mlp_ratio: int = 2) -> GroupViTConfig:
     """The small architecture of the built-in model: 64 px images, patch 4, one grouping stage of 8 groups,
     a 2-layer text tower over the full CLIP vocabulary (49408 tokens) with 32 positions.
 
     ``groups`` as a sequence gives one grouping stage per entry, after each stage of ``depths`` but the last
-    (as the paper's 64 -> 8): ``groups=(16, 8), depths=(2, 1, 1)``."""
+    (as the paper's 64 -> 8): ``groups=(16, 8), depths=(2, 1, 1)``. ``vision_mlp_ratio``: the vision layers' MLP
+    width over their hidden size."""
     depths = list(depths)
     stages = [int(groups)] if isinstance(groups, (int, np.integer)) else [int(g) for g in groups]
     if len(stages) != len(depths) - 1:
@@ -77,7 +78,7 @@ def builtin_model_config(text_hidden: int = 64, vision_hidden: int = 96, patch_s
     return GroupViTConfig(
         text_config=dict(hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=32),
-        vision_config=dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, depths=depths,
+        vision_config=dict(hidden_size=vision_hidden, intermediate_size=vision_mlp_ratio * vision_hidden, depths=depths,
                            num_hidden_layers=sum(depths), num_group_tokens=stages + [0],
                            num_output_groups=stages + stages[-1:], num_attention_heads=4,
                            image_size=image_size, patch_size=patch_size, assign_eps=assign_eps),
@@ -187,14 +188,19 @@ def pixel_group_loss(pixel_embeds: torch.Tensor, group_embeds: torch.Tensor, pro
     return (coverage + purity + consistency) / 3
 
 
-def affinity_loss(soft: torch.Tensor, weights: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
-    """Colour-affinity grouping prior: sum over patches n and their neighbours m of w_nm * (1 - <s_n, s_m>),
-    divided by the sum of w. ``soft`` (B, G, N): the patches' soft assignment to the final groups; ``weights``
-    (B, N, K): ``groupvit_core.losses.patch_affinities``; ``neighbours`` (N, K): ``patch_neighbours``' index."""
+def affinity_loss(soft: torch.Tensor, weights: torch.Tensor, neighbours: torch.Tensor, valid: torch.Tensor
+                  ) -> torch.Tensor:
+    """Colour-affinity grouping prior over neighbouring patches n, m with agreement a = <s_n, s_m> of their soft
+    assignments: attraction sum w (1 - a) / sum w plus repulsion sum e a / sum e, e = (1 - w) ** AFFINITY_EDGE_POWER
+    on valid pairs. Without the repulsion one group for the whole image would cost nothing, without the attraction
+    a checkerboard. ``soft`` (B, G, N): the patches' soft assignment to the final groups; ``weights`` (B, N, K):
+    ``groupvit_core.losses.patch_affinities``; ``neighbours``, ``valid`` (N, K): ``patch_neighbours``."""
     batch, count, patches = soft.shape
     other = soft[:, :, neighbours.reshape(-1)].reshape(batch, count, patches, -1)
     agreement = (soft[..., None] * other).sum(dim=1)  # (B, N, K)
-    return (weights * (1.0 - agreement)).sum() / weights.sum().clamp_min(1e-12)
+    edges = (1.0 - weights).clamp_min(0) ** core_losses.AFFINITY_EDGE_POWER * valid.to(weights.dtype)
+    attract = (weights * (1.0 - agreement)).sum() / weights.sum().clamp_min(1e-12)
+    return attract + (edges * agreement).sum() / edges.sum().clamp_min(1e-12)
 
 
 def soft_cross_entropy_log(log_p: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -321,8 +327,10 @@ class TrainingModule(nn.Module):
                 raise ValueError("TrainConfig.affinity_weight needs the batch's patch_affinity (numpy_batch(..., "
                                  "affinity_patch=PATCH_SIZE))")
             patch = model.config.vision_config.patch_size
-            index, _ = core_losses.patch_neighbours(pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
-            parts["affinity"] = affinity_loss(soft, patch_affinity, torch.from_numpy(index).to(soft.device))
+            index, valid = core_losses.patch_neighbours(pixel_values.shape[-2] // patch,
+                                                        pixel_values.shape[-1] // patch)
+            parts["affinity"] = affinity_loss(soft, patch_affinity, torch.from_numpy(index).to(soft.device),
+                                              torch.from_numpy(valid).to(soft.device))
         if cfg.pixel_weight:
             pixel_embeds = normalize(projected[batch * count + batch:]).reshape(batch, count, -1)
             parts["pixel"] = pixel_group_loss(pixel_embeds, group_embeds, prompt_embeds, targets, scale,

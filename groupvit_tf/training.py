@@ -107,13 +107,15 @@ def pixel_group_loss(pixel_embeds, group_embeds, prompt_embeds, targets, scale, 
     return (coverage + purity + consistency) / 3.0
 
 
-def affinity_loss(soft, weights, neighbours) -> tf.Tensor:
-    """Mirror of groupvit_pt.training.affinity_loss: sum of w_nm * (1 - <s_n, s_m>) over neighbouring patches,
-    divided by the sum of w (soft (B, G, N), weights (B, N, K), neighbours (N, K) int)."""
+def affinity_loss(soft, weights, neighbours, valid) -> tf.Tensor:
+    """Mirror of groupvit_pt.training.affinity_loss: attraction sum w (1 - a) / sum w plus repulsion
+    sum e a / sum e over neighbouring patches (soft (B, G, N), weights (B, N, K), neighbours and valid (N, K))."""
     other = tf.gather(soft, neighbours, axis=2)  # (B, G, N, K)
     agreement = tf.reduce_sum(soft[..., None] * other, axis=1)
     weights = tf.convert_to_tensor(weights, soft.dtype)
-    return tf.reduce_sum(weights * (1.0 - agreement)) / tf.maximum(tf.reduce_sum(weights), 1e-12)
+    edges = tf.maximum(1.0 - weights, 0.0) ** core_losses.AFFINITY_EDGE_POWER * tf.cast(valid, soft.dtype)
+    attract = tf.reduce_sum(weights * (1.0 - agreement)) / tf.maximum(tf.reduce_sum(weights), 1e-12)
+    return attract + tf.reduce_sum(edges * agreement) / tf.maximum(tf.reduce_sum(edges), 1e-12)
 
 
 def _assign_tokens(assign, image_tokens: tf.Tensor, group_tokens: tf.Tensor, token_dropout: float,
@@ -219,8 +221,8 @@ def compute_losses(model: TFGroupViTModel, batch: Mapping[str, Any], config: Any
             raise ValueError("affinity_weight needs the batch's patch_affinity (numpy_batch(..., "
                              "affinity_patch=PATCH_SIZE), make_dataset(..., affinity_patch=PATCH_SIZE))")
         patch = model.config.vision_config.patch_size
-        index, _ = core_losses.patch_neighbours(pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
-        parts["affinity"] = affinity_loss(soft, batch["patch_affinity"], tf.constant(index))
+        index, valid = core_losses.patch_neighbours(pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+        parts["affinity"] = affinity_loss(soft, batch["patch_affinity"], tf.constant(index), tf.constant(valid))
     uniformity_weight = float(getattr(config, "prompt_uniformity_weight", 0.0))
     if uniformity_weight:
         parts["uniformity"] = prompt_uniformity_loss(prompt_embeds,

@@ -96,40 +96,42 @@ def test_prompt_uniformity_loss_matches_numpy_and_pushes_close_prompts_apart():
 
 
 def test_affinity_loss_matches_numpy_and_favours_groups_that_follow_colour():
-    from groupvit_core.losses import patch_affinities, patch_neighbours
+    from groupvit_core.losses import AFFINITY_EDGE_POWER, patch_affinities, patch_neighbours
 
     rng = np.random.default_rng(1)
     index, valid = patch_neighbours(3, 4)
     soft = rng.random((2, 5, 12))
     soft /= soft.sum(axis=1, keepdims=True)
     weights = rng.random((2, 12, index.shape[1])) * valid
-    expected = sum(weights[b, n, k] * (1 - soft[b, :, n] @ soft[b, :, index[n, k]])
-                   for b in range(2) for n in range(12) for k in range(index.shape[1])) / weights.sum()
-    got = float(tr.affinity_loss(torch.from_numpy(soft), torch.from_numpy(weights), torch.from_numpy(index)))
+    pairs = [(b, n, k) for b in range(2) for n in range(12) for k in range(index.shape[1])]
+    agree = {(b, n, k): soft[b, :, n] @ soft[b, :, index[n, k]] for b, n, k in pairs}
+    edge = {(b, n, k): (1 - weights[b, n, k]) ** AFFINITY_EDGE_POWER * valid[n, k] for b, n, k in pairs}
+    expected = sum(weights[p] * (1 - agree[p]) for p in pairs) / weights.sum() + \
+        sum(edge[p] * agree[p] for p in pairs) / sum(edge.values())
+    got = float(tr.affinity_loss(torch.from_numpy(soft), torch.from_numpy(weights), torch.from_numpy(index),
+                                 torch.from_numpy(valid)))
     assert got == pytest.approx(expected, rel=1e-10)
 
-    # two colour regions (left and right half of a 4x4 grid): a grouping along the colour edge costs little (the
-    # edge pairs' affinity is small, not 0), one across it costs more, and one group for everything costs nothing
-    # (the group losses keep groups apart)
+    # two colour regions (left and right half of a 4x4 grid): a grouping along the colour edge costs least, one
+    # across it more, and one group for everything (attraction alone's minimum) and a checkerboard (repulsion
+    # alone's) both cost more than grouping along the edge
     image = np.zeros((1, 16, 16, 3), np.uint8)
     image[..., 8:, :] = 200
-    affinity = torch.from_numpy(patch_affinities(image, 4))
-    index = torch.from_numpy(patch_neighbours(4, 4)[0])
-    column = torch.arange(16) % 4
-    along = torch.nn.functional.one_hot((column >= 2).long(), 2).T[None].double()
-    across = torch.nn.functional.one_hot((torch.arange(16) // 4 >= 2).long(), 2).T[None].double()
-    one = torch.zeros(1, 2, 16, dtype=torch.float64)
-    one[:, 0] = 1.0
-    cost = {name: float(tr.affinity_loss(soft, affinity.double(), index))
-            for name, soft in (("along", along), ("across", across), ("one", one))}
-    assert cost["one"] == 0.0 and cost["along"] < 0.25 * cost["across"]
+    affinity = torch.from_numpy(patch_affinities(image, 4)).double()
+    index, valid = (torch.from_numpy(a) for a in patch_neighbours(4, 4))
+    row, column = torch.arange(16) // 4, torch.arange(16) % 4
+    groupings = {"along": column >= 2, "across": row >= 2, "one": torch.zeros(16, dtype=torch.bool),
+                 "checkerboard": (row + column) % 2 == 1}
+    cost = {name: float(tr.affinity_loss(torch.nn.functional.one_hot(g.long(), 2).T[None].double(), affinity,
+                                         index, valid)) for name, g in groupings.items()}
+    assert cost["along"] < 0.25 * min(cost["across"], cost["one"], cost["checkerboard"])
 
 
 def test_trainer_with_the_affinity_term_draws_affinities_and_needs_them(tokenizer, data):
     trainer = _trainer(tokenizer, data, steps=2, affinity_weight=1.0)
     assert trainer.affinity_patch == trainer.model.config.vision_config.patch_size
     history = trainer.train()
-    assert all(0 < record["affinity"] < 1 for record in history)
+    assert all(0 < record["affinity"] < 2 for record in history)  # attraction and repulsion, each at most 1
     batch = data.batch(0, 4, seed=0)
     assert "patch_affinity" not in batch
     with pytest.raises(ValueError, match="patch_affinity"):
@@ -426,6 +428,8 @@ def test_train_synthetic_at_another_image_size_builds_the_model_and_measures_at_
 def test_builtin_model_config_with_two_grouping_stages_trains_and_segments(tmp_path):
     one = tr.builtin_model_config(vision_hidden=64, depths=(2, 1)).vision_config
     assert (one.num_group_tokens, one.num_output_groups) == ([8, 0], [8, 8])
+    assert one.intermediate_size == 128
+    assert tr.builtin_model_config(vision_hidden=64, vision_mlp_ratio=4).vision_config.intermediate_size == 256
     two = tr.builtin_model_config(vision_hidden=32, depths=(1, 1, 1), groups=(6, 3))
     assert (two.vision_config.num_group_tokens, two.vision_config.num_output_groups) == ([6, 3, 0], [6, 3, 3])
     with pytest.raises(ValueError, match="2 grouping stage"):
