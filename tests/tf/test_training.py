@@ -120,15 +120,19 @@ def test_group_token_dropout_matches_pytorch(data):
 
 
 def test_keras_fit_runs_and_changes_weights(data):
-    cfg = _config()
+    # the built-in's recipe terms included: group-token dropout and the affinity term (its batches carry
+    # patch_affinity when make_dataset is given the patch size)
+    cfg = _config(group_token_dropout=0.5, affinity_weight=0.3, group_owned_only=True)
     model = _tf_model(random_weights(test_config("small"), seed=4))
     before = {k: np.array(v) for k, v in model.canonical_state().items()}
     trainer = tft.GroupViTTrainingModel(model, cfg)
     trainer.compile(optimizer=tft.make_optimizer(model, cfg))
-    dataset = tft.make_dataset(data, cfg)
+    with pytest.raises(ValueError, match="patch_affinity"):
+        tft.compute_losses(model, data.numpy_batch(0, 4, seed=0), cfg)
+    dataset = tft.make_dataset(data, cfg, affinity_patch=model.config.vision_config.patch_size)
     assert int(dataset.cardinality()) == cfg.steps  # fit knows its length (no "ran out of data" warning)
     history = trainer.fit(dataset, epochs=1, shuffle=False, verbose=0)
-    assert all(np.isfinite(history.history["loss"]))
+    assert all(np.isfinite(history.history["loss"])) and all(v > 0 for v in history.history["affinity"])
     after = model.canonical_state()
     changed = [k for k in before if not np.array_equal(before[k], after[k])]
     assert "logit_scale" in changed and len(changed) > 50
