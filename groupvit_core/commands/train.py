@@ -75,8 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.add_argument("--output", "--out", dest="output", required=True, metavar="DIR",
                         help="run directory (model/, checkpoint/, result.json, log.txt)")
-    parser.add_argument("--variant", default="owned_tokdrop",
-                        help="recipe name (default: owned_tokdrop, the built-in's)")
+    parser.add_argument("--variant", default="owned_aff",
+                        help="recipe name (default: owned_aff, the built-in's)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's, 2500)")
     parser.add_argument("--batch-size", type=int, default=None, help="global batch (default 64)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3)")

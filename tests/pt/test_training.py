@@ -456,7 +456,8 @@ def test_train_command_keep_best_and_its_errors(tmp_path, capsys):
     assert [record["step"] for record in history if "miou" in record] == [1, 2]
     assert (out / tr.BEST_MODEL_DIR / "model.safetensors").is_file()
     log = (out / "log.txt").read_text()
-    assert "variant owned_tokdrop" in log and "group_owned_only=True" in log and "keep_best=True" in log
+    assert "variant owned_aff" in log and "group_owned_only=True" in log and "keep_best=True" in log
+    assert "affinity_weight=0.3" in log
     assert "kept the weights of step" in log
     # keep_best without evaluations: a clear error (exit status 1) before any data is made
     assert cli_main(["train", "--output", str(tmp_path / "bad"), "--variant", "unif_pool", "--keep-best",
