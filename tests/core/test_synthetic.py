@@ -124,12 +124,8 @@ def test_affinities_are_high_inside_a_region_and_low_across_an_edge():
 
 def test_batches_carry_affinities_only_when_asked():
     from groupvit_core.tokenizer import GroupViTTokenizer
-    import tempfile
 
-    empty = os.path.join(tempfile.gettempdir(), "groupvit_empty_tokenizer_dir")
-    os.makedirs(empty, exist_ok=True)
-    data = synthetic.TrainingData(GroupViTTokenizer.from_pretrained(empty), pool_size=4, image_size=32,
-                                  max_text_length=24)
+    data = synthetic.TrainingData(GroupViTTokenizer(), pool_size=4, image_size=32, max_text_length=24)
     plain, with_affinity = data.numpy_batch(0, 3, seed=0), data.numpy_batch(0, 3, seed=0, affinity_patch=4)
     assert "patch_affinity" not in plain and with_affinity["patch_affinity"].shape == (3, 64, 8)
     index = np.random.default_rng([0, 0]).choice(4, size=3, replace=False)  # as numpy_batch draws them
