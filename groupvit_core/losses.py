@@ -104,6 +104,13 @@ def prompt_batch(class_names: Sequence[str], rng: Optional[np.random.Generator] 
 
 
 POSITION_INITS: Tuple[str, ...] = ("random", "sincos")
+ATTENTION_INITS: Tuple[str, ...] = ("default", "mimetic")
+# Mimetic initialisation (Trockman & Kolter, "Mimetic Initialization of Self-Attention Layers", ICML 2023): the
+# product of each head's query and key weights starts near MIMETIC_QK[0] * Z + MIMETIC_QK[1] * I and the product
+# of the value and output weights near MIMETIC_VO[0] * Z - MIMETIC_VO[1] * I (Z Gaussian with variance 1 / dim),
+# the structure trained ViTs' attention layers show; the paper's values for ViTs.
+MIMETIC_QK: Tuple[float, float] = (0.7, 0.7)
+MIMETIC_VO: Tuple[float, float] = (0.4, 0.4)
 
 
 # Patch-grid neighbour offsets of the affinity term, each undirected pair once: right, down and the two diagonals,
@@ -183,6 +190,60 @@ def sincos_position_table(rows: int, cols: int, dim: int, temperature: float = 1
     return np.concatenate([encode(row.ravel()), encode(col.ravel())], axis=1).astype(np.float32)
 
 
+def mimetic_factors(dim: int, alpha: float, beta: float, sign: float, rng: np.random.Generator
+                    ) -> Tuple[np.ndarray, np.ndarray]:
+    """Factors ``(L, R)``, each ``(dim, dim)`` float32, with ``L @ R = alpha * Z + sign * beta * I`` (``Z`` standard
+    Gaussian / sqrt(dim)), split evenly by the SVD (``L = U sqrt(S)``, ``R = sqrt(S) V^T``), so that the first ``k``
+    columns of ``L`` and rows of ``R`` give the best rank-``k`` approximation (one attention head's share)."""
+    if dim < 1:
+        raise ValueError(f"dim must be positive, got {dim}")
+    target = alpha * rng.standard_normal((dim, dim)) / np.sqrt(dim) + sign * beta * np.eye(dim)
+    u, s, vt = np.linalg.svd(target)
+    root = np.sqrt(s)
+    return (u * root[None, :]).astype(np.float32), (root[:, None] * vt).astype(np.float32)
+
+
+def initial_weights(config: Any, position_init: str = "random", attention_init: str = "default", seed: int = 0
+                    ) -> Dict[str, np.ndarray]:
+    """The weights that ``TrainConfig.position_init`` / ``attention_init`` set before training, as
+    ``{Hub PyTorch name: float32 array in the PyTorch layout}`` for a ``GroupViTConfig``; both frameworks' ``init_model``
+    assign them (an empty dict for the defaults: the model keeps its own init).
+
+    "sincos" sets the vision position table (``sincos_position_table``); "mimetic" sets every vision stage's
+    self-attention (not the grouping blocks'): per head, q and k from ``mimetic_factors(MIMETIC_QK, +1)``, per
+    layer v and out from ``mimetic_factors(MIMETIC_VO, -1)``, biases zero, drawn in layer order from ``seed``."""
+    if position_init not in POSITION_INITS:
+        raise ValueError(f"position_init must be one of {', '.join(POSITION_INITS)}, got {position_init!r}")
+    if attention_init not in ATTENTION_INITS:
+        raise ValueError(f"attention_init must be one of {', '.join(ATTENTION_INITS)}, got {attention_init!r}")
+    vision = config.vision_config
+    dim = vision.hidden_size
+    weights: Dict[str, np.ndarray] = {}
+    if position_init == "sincos":
+        grid = vision.image_size // vision.patch_size
+        weights["vision_model.embeddings.position_embeddings"] = sincos_position_table(grid, grid, dim)[None]
+    if attention_init == "mimetic":
+        rng = np.random.default_rng(seed)
+        heads = vision.num_attention_heads
+        width = dim // heads
+        for stage, depth in enumerate(vision.depths):
+            for layer in range(depth):
+                prefix = f"vision_model.encoder.stages.{stage}.layers.{layer}.self_attn."
+                q = np.empty((dim, dim), np.float32)
+                k = np.empty((dim, dim), np.float32)
+                for head in range(heads):
+                    rows = slice(head * width, (head + 1) * width)
+                    left, right = mimetic_factors(dim, *MIMETIC_QK, 1.0, rng)
+                    # q k^T = x Wq^T Wk x^T (torch's Linear: y = x W^T): Wq_h^T = L[:, :w], Wk_h = R[:w]
+                    q[rows], k[rows] = left[:, :width].T, right[:width]
+                # out = (a x Wv^T) Wo^T: Wv^T = L, Wo^T = R
+                left, right = mimetic_factors(dim, *MIMETIC_VO, -1.0, rng)
+                for name, value in (("q_proj", q), ("k_proj", k), ("v_proj", left.T), ("out_proj", right.T)):
+                    weights[prefix + name + ".weight"] = np.ascontiguousarray(value, dtype=np.float32)
+                    weights[prefix + name + ".bias"] = np.zeros(dim, np.float32)
+    return weights
+
+
 @dataclass
 class TrainConfig:
     """Hyper-parameters of a training run (all JSON-serialisable)."""
@@ -217,9 +278,14 @@ class TrainConfig:
     # colour should share a group and patches across a colour edge should not (attraction + repulsion, see
     # groupvit_pt.training.affinity_loss); keeps groups from spreading over an edge into their surroundings
     affinity_weight: float = 0.0
-    # initial vision position table: "random" (the reference's normal init) or "sincos" (2-D sine-cosine, as in
-    # MAE: neighbouring patches start out with similar positions, so attention can look locally from step 0)
+    # initial vision position table: "random" (the model's own init, zeros as the reference's) or "sincos" (2-D
+    # sine-cosine, as in MAE: neighbouring patches start out with similar positions, so attention can look locally
+    # from step 0)
     position_init: str = "random"
+    # initial weights of the vision tower's self-attention layers: "default" (the model's own init) or "mimetic"
+    # (``mimetic_factors``: query-key products near the identity, value-output products near minus the identity,
+    # which speeds up ViTs trained from scratch on small data)
+    attention_init: str = "default"
     gumbel: bool = True
     preset: str = "imagenet"
     grad_clip: float = 1.0
@@ -259,6 +325,9 @@ class TrainConfig:
                              f"{self.eval_count}")
         if self.position_init not in POSITION_INITS:
             raise ValueError(f"position_init must be one of {', '.join(POSITION_INITS)}, got {self.position_init!r}")
+        if self.attention_init not in ATTENTION_INITS:
+            raise ValueError(f"attention_init must be one of {', '.join(ATTENTION_INITS)}, got "
+                             f"{self.attention_init!r}")
         from .image import NORMALIZATION_PRESETS
 
         if self.preset not in NORMALIZATION_PRESETS:

@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from groupvit_core import losses as core_losses
+from groupvit_core.weights import spec_table
 
 from .modeling import TFGroupViTModel, _run_sequence
 
@@ -261,6 +262,20 @@ def make_optimizer(model: TFGroupViTModel, config: Any) -> keras.optimizers.Opti
     names = ["bias", "gamma", "beta", "embedding", "group_token", "logit_scale", "position"]
     optimizer.exclude_from_weight_decay(var_names=names)
     return optimizer
+
+
+def init_model(model: TFGroupViTModel, config: Any) -> None:
+    """Apply ``config.position_init`` and ``config.attention_init`` to a freshly built model, before training:
+    the same values as groupvit_pt.training.init_model (``groupvit_core.losses.initial_weights``; the defaults
+    change nothing)."""
+    config.validate()
+    weights = core_losses.initial_weights(model.config, config.position_init, config.attention_init, config.seed)
+    if not weights:
+        return
+    table = spec_table(model.config)
+    variables = model.canonical_variables()
+    for name, value in weights.items():
+        variables[name].assign(np.asarray(table[name].to_keras(value), dtype=table[name].dtype))
 
 
 class GroupViTTrainingModel(keras.Model):

@@ -17,7 +17,7 @@ import sys
 from typing import List, Optional
 
 EPILOG = """examples:
-  groupvit train --output runs/builtin                                # the built-in recipe (2500 steps)
+  groupvit train --output runs/builtin                                # the built-in recipe (5000 steps)
   groupvit train --output runs/quick --time-budget 600                # shortened to fit 10 minutes
   groupvit train --output runs/builtin --resume                       # continue from runs/builtin/checkpoint
   groupvit train --output runs/aff --set affinity_weight=0.5 --set steps=5000   # any TrainConfig option
@@ -75,9 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.add_argument("--output", "--out", dest="output", required=True, metavar="DIR",
                         help="run directory (model/, checkpoint/, result.json, log.txt)")
-    parser.add_argument("--variant", default="owned_aff",
-                        help="recipe name (default: owned_aff, the built-in's)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's, 2500)")
+    parser.add_argument("--variant", default="aff_mimetic",
+                        help="recipe name (default: aff_mimetic, the built-in's)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's, 5000)")
     parser.add_argument("--batch-size", type=int, default=None, help="global batch (default 64)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3)")
     parser.add_argument("--seed", type=int, default=None, help="seed (default 0)")

@@ -165,6 +165,63 @@ def test_sincos_position_init():
         tr.TrainConfig(position_init="learned").validate()
 
 
+def test_mimetic_attention_init():
+    from groupvit_core.losses import MIMETIC_QK, MIMETIC_VO, mimetic_factors
+
+    rng = np.random.default_rng(3)
+    left, right = mimetic_factors(32, 0.7, 0.7, 1.0, rng)
+    assert left.shape == right.shape == (32, 32) and left.dtype == np.float32
+    # the factors multiply back to their target: identity plus noise of variance alpha^2 / dim
+    target = left.astype(np.float64) @ right
+    assert abs(np.diag(target).mean() - 0.7) < 0.1
+    off = target[~np.eye(32, dtype=bool)]
+    assert abs(off.mean()) < 0.02 and 0.5 * 0.7 / np.sqrt(32) < off.std() < 1.5 * 0.7 / np.sqrt(32)
+    # the first k columns / rows are the best rank-k approximation (SVD split): singular values in order
+    norms = np.linalg.norm(left, axis=0) * np.linalg.norm(right, axis=1)
+    assert np.all(np.diff(norms) <= 1e-5)
+    with pytest.raises(ValueError, match="dim"):
+        mimetic_factors(0, 0.7, 0.7, 1.0, rng)
+
+    model = GroupViTModel(tr.builtin_model_config(vision_hidden=32, depths=(1, 1), image_size=32))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tr.init_attention(model, "default")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    tr.init_attention(model, "mimetic", seed=5)
+    heads, dim = model.config.vision_config.num_attention_heads, 32
+    width = dim // heads
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    # every stage's self-attention weights, nothing else (the grouping blocks and the text tower keep theirs)
+    assert changed and all(".self_attn." in k and k.startswith("vision_model.encoder.stages.") for k in changed)
+    assert not any(k.startswith("text_model.") or ".downsample." in k for k in changed)
+    for stage in model.vision_model.encoder.stages:
+        for layer in stage.layers:
+            attn = layer.self_attn
+            wq, wk = attn.q_proj.weight.detach().double(), attn.k_proj.weight.detach().double()
+            for head in range(heads):
+                rows = slice(head * width, (head + 1) * width)
+                # each head's query-key product leans to the identity: positive trace well above noise
+                product = wq[rows].T @ wk[rows]
+                assert torch.trace(product) > 0.5 * MIMETIC_QK[1] * width
+            vo = attn.v_proj.weight.detach().double().T @ attn.out_proj.weight.detach().double().T
+            assert abs(float(torch.diagonal(vo).mean()) + MIMETIC_VO[1]) < 0.1
+            assert all(float(p.bias.detach().abs().max()) == 0.0
+                       for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj))
+    # deterministic for the seed
+    again = GroupViTModel(tr.builtin_model_config(vision_hidden=32, depths=(1, 1), image_size=32))
+    tr.init_attention(again, "mimetic", seed=5)
+    assert torch.equal(again.vision_model.encoder.stages[0].layers[0].self_attn.q_proj.weight,
+                       model.vision_model.encoder.stages[0].layers[0].self_attn.q_proj.weight)
+    from groupvit_core.losses import initial_weights
+
+    assert initial_weights(model.config) == {}  # the defaults leave the model's own init
+    with pytest.raises(ValueError, match="position_init"):
+        initial_weights(model.config, position_init="learned")
+    with pytest.raises(ValueError, match="attention_init"):
+        tr.init_attention(model, "orthogonal")
+    with pytest.raises(ValueError, match="attention_init"):
+        tr.TrainConfig(attention_init="orthogonal").validate()
+
+
 def test_learning_rate_schedule():
     cfg = tr.TrainConfig(steps=110, warmup_steps=10, lr=1.0, min_lr=0.0)
     assert tr.learning_rate(0, cfg) == pytest.approx(0.1)
@@ -456,7 +513,8 @@ def test_train_command_keep_best_and_its_errors(tmp_path, capsys):
     assert [record["step"] for record in history if "miou" in record] == [1, 2]
     assert (out / tr.BEST_MODEL_DIR / "model.safetensors").is_file()
     log = (out / "log.txt").read_text()
-    assert "variant owned_aff" in log and "group_owned_only=True" in log and "keep_best=True" in log
+    assert "variant aff_mimetic" in log and "group_owned_only=True" in log and "keep_best=True" in log
+    assert "attention_init='mimetic'" in log
     assert "affinity_weight=0.3" in log
     assert "kept the weights of step" in log
     # keep_best without evaluations: a clear error (exit status 1) before any data is made

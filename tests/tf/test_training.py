@@ -16,14 +16,10 @@ from groupvit_tf import training as tft  # noqa: E402
 
 @pytest.fixture(scope="module")
 def data():
-    import os
-    import tempfile
-
     from groupvit_core.tokenizer import GroupViTTokenizer
 
-    empty = os.path.join(tempfile.gettempdir(), "groupvit_empty_tokenizer_dir")
-    os.makedirs(empty, exist_ok=True)
-    return TrainingData(GroupViTTokenizer.from_pretrained(empty), pool_size=8, image_size=32, max_text_length=24)
+    # the packaged CLIP vocabulary
+    return TrainingData(GroupViTTokenizer(), pool_size=8, image_size=32, max_text_length=24)
 
 
 def _config(**kw):
@@ -136,6 +132,35 @@ def test_keras_fit_runs_and_changes_weights(data):
     after = model.canonical_state()
     changed = [k for k in before if not np.array_equal(before[k], after[k])]
     assert "logit_scale" in changed and len(changed) > 50
+
+
+def test_init_model_matches_pytorch():
+    pytest.importorskip("torch")
+    from groupvit_core.losses import initial_weights
+    from groupvit_pt import GroupViTModel
+    from groupvit_pt import training as tr
+
+    config = test_config("small")
+    state = random_weights(config, seed=4)
+    cfg = TrainConfig(position_init="sincos", attention_init="mimetic", seed=3)
+    tf_model = _tf_model(state)
+    tft.init_model(tf_model, cfg)
+    pt_model = GroupViTModel(config)
+    pt_model.load_canonical_state(state)
+    tr.init_model(pt_model, cfg)
+    changed = initial_weights(config, "sincos", "mimetic", seed=3)
+    assert "vision_model.embeddings.position_embeddings" in changed
+    assert any(name.endswith("self_attn.q_proj.weight") for name in changed)
+    tf_state, pt_state = tf_model.canonical_state(), pt_model.canonical_state()
+    for name, before in state.items():
+        expected = changed.get(name, before)
+        np.testing.assert_array_equal(tf_state[name], expected, err_msg=name)
+        np.testing.assert_array_equal(pt_state[name], expected, err_msg=name)
+    # the defaults change nothing
+    tft.init_model(tf_model, TrainConfig())
+    assert all(np.array_equal(tf_model.canonical_state()[name], tf_state[name]) for name in state)
+    with pytest.raises(ValueError, match="attention_init"):
+        tft.init_model(tf_model, TrainConfig(attention_init="xavier"))
 
 
 def test_schedule_matches_pytorch_formula():
