@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -115,11 +115,25 @@ def groupvit_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
     return (contrastive_loss(logits_per_text) + contrastive_loss(logits_per_text.t())) / 2.0
 
 
-@torch.compiler.disable  # built once per size in numpy and cached: run eagerly under torch.compile
 @functools.lru_cache(maxsize=128)
-def _resize_matrix(mode: str, in_size: int, out_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _build_resize_matrix(mode: str, in_size: int, out_size: int, dtype: torch.dtype, device: torch.device
+                         ) -> torch.Tensor:
     make = bicubic_matrix if mode == "bicubic" else bilinear_matrix
     return torch.tensor(make(in_size, out_size), dtype=dtype, device=device)
+
+
+_EAGER_RESIZE_MATRIX: List[Callable[..., torch.Tensor]] = []
+
+
+def _resize_matrix(mode: str, in_size: int, out_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A resize matrix, built once per size in numpy and cached. Under torch.compile it runs eagerly, outside the
+    graph, through torch.compiler.disable; that wrapper is made on the first compiled call rather than by a
+    decorator, which would import torch._dynamo with this module (~1 s and ~70 MB an eager user never needs)."""
+    if torch.compiler.is_compiling():
+        if not _EAGER_RESIZE_MATRIX:
+            _EAGER_RESIZE_MATRIX.append(torch.compiler.disable(_build_resize_matrix))
+        return _EAGER_RESIZE_MATRIX[0](mode, in_size, out_size, dtype, device)
+    return _build_resize_matrix(mode, in_size, out_size, dtype, device)
 
 
 def _derived_weights(cache: Dict[str, tuple], name: str, tensors: Sequence[torch.Tensor],

@@ -686,6 +686,16 @@ def test_fresh_model_runs_and_follows_the_reference_initialisation():
     assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
 
 
+def test_import_does_not_load_dynamo():
+    # torch.compile's machinery (torch._dynamo: ~1 s and ~70 MB) is loaded only by a user who compiles
+    import subprocess
+    import sys
+
+    code = "import sys, groupvit_pt; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_torch_compile_traces_the_forward_with_segmentation(tiny):
     # dynamo must trace the whole forward (the numpy-built resize matrices run eagerly, outside the graph);
     # backend="eager" checks the tracing without paying for code generation
