@@ -203,6 +203,13 @@ def mimetic_factors(dim: int, alpha: float, beta: float, sign: float, rng: np.ra
     return (u * root[None, :]).astype(np.float32), (root[:, None] * vt).astype(np.float32)
 
 
+def _check_inits(position_init: str, attention_init: str) -> None:
+    if position_init not in POSITION_INITS:
+        raise ValueError(f"position_init must be one of {', '.join(POSITION_INITS)}, got {position_init!r}")
+    if attention_init not in ATTENTION_INITS:
+        raise ValueError(f"attention_init must be one of {', '.join(ATTENTION_INITS)}, got {attention_init!r}")
+
+
 def initial_weights(config: Any, position_init: str = "random", attention_init: str = "default", seed: int = 0
                     ) -> Dict[str, np.ndarray]:
     """The weights that ``TrainConfig.position_init`` / ``attention_init`` set before training, as
@@ -212,10 +219,7 @@ def initial_weights(config: Any, position_init: str = "random", attention_init: 
     "sincos" sets the vision position table (``sincos_position_table``); "mimetic" sets every vision stage's
     self-attention (not the grouping blocks'): per head, q and k from ``mimetic_factors(MIMETIC_QK, +1)``, per
     layer v and out from ``mimetic_factors(MIMETIC_VO, -1)``, biases zero, drawn in layer order from ``seed``."""
-    if position_init not in POSITION_INITS:
-        raise ValueError(f"position_init must be one of {', '.join(POSITION_INITS)}, got {position_init!r}")
-    if attention_init not in ATTENTION_INITS:
-        raise ValueError(f"attention_init must be one of {', '.join(ATTENTION_INITS)}, got {attention_init!r}")
+    _check_inits(position_init, attention_init)
     vision = config.vision_config
     dim = vision.hidden_size
     weights: Dict[str, np.ndarray] = {}
@@ -323,11 +327,7 @@ class TrainConfig:
         if int(self.eval_every) < 0 or int(self.eval_count) < 1:
             raise ValueError(f"eval_every must be non-negative and eval_count positive, got {self.eval_every} and "
                              f"{self.eval_count}")
-        if self.position_init not in POSITION_INITS:
-            raise ValueError(f"position_init must be one of {', '.join(POSITION_INITS)}, got {self.position_init!r}")
-        if self.attention_init not in ATTENTION_INITS:
-            raise ValueError(f"attention_init must be one of {', '.join(ATTENTION_INITS)}, got "
-                             f"{self.attention_init!r}")
+        _check_inits(self.position_init, self.attention_init)
         from .image import NORMALIZATION_PRESETS
 
         if self.preset not in NORMALIZATION_PRESETS:

@@ -669,6 +669,12 @@ def evaluate_segmentation(model: GroupViTModel, count: int = 200, tokenizer: Any
 # The reproducing entry point (tools/train_builtin.py and `groupvit train`)
 # ----------------------------------------------------------------------------------------------------------------
 
+# "owned_tokdrop" + the colour-affinity grouping prior (TrainConfig.affinity_weight 0.3): the previous built-in's
+# recipe (RESULTS_TRAINING.md, "A colour-affinity grouping prior"); "aff_mimetic" builds on it
+_OWNED_AFF: Dict[str, Any] = {"prompt_uniformity_weight": 1.0, "pool_size": 40000, "steps": 2500,
+                              "group_token_dropout": 0.7, "group_owned_only": True, "eval_every": 250,
+                              "keep_best": True, "affinity_weight": 0.3}
+
 # name: (architecture overrides of builtin_model_config, TrainConfig overrides). "aff_mimetic" is the built-in
 # recipe (RESULTS_TRAINING.md); "owned_aff", "owned_tokdrop", "unif_pool" and "small" were the ones before it.
 VARIANTS: Dict[str, Tuple[Dict[str, Any], Dict[str, Any]]] = {
@@ -714,17 +720,11 @@ VARIANTS: Dict[str, Tuple[Dict[str, Any], Dict[str, Any]]] = {
     "owned_tokdrop": ({"vision_hidden": 64, "depths": (2, 1)},
                       {"prompt_uniformity_weight": 1.0, "pool_size": 40000, "steps": 2500, "group_token_dropout": 0.7,
                        "group_owned_only": True, "eval_every": 250, "keep_best": True}),
-    # "owned_tokdrop" + the colour-affinity grouping prior (TrainConfig.affinity_weight 0.3): the previous built-in's
-    # recipe (RESULTS_TRAINING.md, "A colour-affinity grouping prior")
-    "owned_aff": ({"vision_hidden": 64, "depths": (2, 1)},
-                  {"prompt_uniformity_weight": 1.0, "pool_size": 40000, "steps": 2500, "group_token_dropout": 0.7,
-                   "group_owned_only": True, "eval_every": 250, "keep_best": True, "affinity_weight": 0.3}),
+    "owned_aff": ({"vision_hidden": 64, "depths": (2, 1)}, dict(_OWNED_AFF)),
     # "owned_aff" + mimetic initialisation of the vision self-attention (TrainConfig.attention_init), twice as long
     # (5000 steps, validation every 500): the built-in's recipe (RESULTS_TRAINING.md, "Mimetic initialisation")
     "aff_mimetic": ({"vision_hidden": 64, "depths": (2, 1)},
-                    {"prompt_uniformity_weight": 1.0, "pool_size": 40000, "steps": 5000, "group_token_dropout": 0.7,
-                     "group_owned_only": True, "eval_every": 500, "keep_best": True, "affinity_weight": 0.3,
-                     "attention_init": "mimetic"}),
+                    {**_OWNED_AFF, "steps": 5000, "eval_every": 500, "attention_init": "mimetic"}),
     "small_unif10": ({"vision_hidden": 64, "depths": (2, 1)}, {"prompt_uniformity_weight": 1.0,
                                                                 "prompt_uniformity_temperature": 10.0}),
 }
