@@ -221,9 +221,34 @@ def _resize_axis(array: np.ndarray, out_size: int, axis: int) -> np.ndarray:
     low, high, low_weight, high_weight = _bilinear_taps(array.shape[axis], out_size)
     shape = [1] * array.ndim
     shape[axis] = out_size
-    low_weight = low_weight.astype(array.dtype).reshape(shape)
-    high_weight = high_weight.astype(array.dtype).reshape(shape)
-    return np.take(array, low, axis=axis) * low_weight + np.take(array, high, axis=axis) * high_weight
+    # low * low_weight + high * high_weight, computed in place on the gathered copies (the same roundings)
+    out = np.take(array, low, axis=axis)
+    out *= low_weight.astype(array.dtype).reshape(shape)
+    upper = np.take(array, high, axis=axis)
+    upper *= high_weight.astype(array.dtype).reshape(shape)
+    out += upper
+    return out
+
+
+def argmax_first_axis(stack: np.ndarray) -> np.ndarray:
+    """``np.argmax(stack, axis=0)`` (ties to the lower index, NaN counts as the largest) -> intp.
+
+    One pass per plane over contiguous (..., H, W) planes instead of numpy's transposed copy of the whole stack.
+    """
+    stack = np.asarray(stack)
+    if stack.ndim < 2 or stack.shape[0] == 0:
+        raise ValueError(f"argmax_first_axis needs a stack of planes (n >= 1, ...), got shape {stack.shape}")
+    best = stack[0].copy()
+    index = np.zeros(best.shape, dtype=np.intp)
+    for position in range(1, stack.shape[0]):
+        plane = stack[position]
+        np.copyto(index, position, where=plane > best)
+        np.maximum(best, plane, out=best)  # NaN propagates: such pixels are redone below
+    if best.dtype.kind == "f":
+        nan = np.isnan(best)
+        if nan.any():
+            index[nan] = np.argmax(stack[:, nan], axis=0)
+    return index
 
 
 def resize_bilinear(array: np.ndarray, height: int, width: int, axes: Tuple[int, int] = (-2, -1)) -> np.ndarray:
@@ -301,8 +326,8 @@ def plan_windows(height: int, width: int, window: Union[int, Tuple[int, int]] = 
 class WindowAccumulator:
     """Sums per-window score maps into the image and divides by the number of windows covering each pixel.
 
-    Scores are channels-last: ``add`` takes (window height, window width, channels), ``average`` returns
-    (height, width, channels).
+    Scores are channels-first: ``add`` takes (channels, window height, window width), ``average`` returns
+    (channels, height, width) (the layout of ``SegmentationResult.probabilities``).
 
     Also assembles a group map: each pixel takes the group id from the window whose centre is nearest (Chebyshev
     distance; the first such window on a tie), with ids offset by ``window_index * groups`` so that groups of
@@ -310,7 +335,7 @@ class WindowAccumulator:
     """
 
     def __init__(self, num_channels: int, height: int, width: int) -> None:
-        self.scores = np.zeros((height, width, num_channels), dtype=np.float32)
+        self.scores = np.zeros((num_channels, height, width), dtype=np.float32)
         self.count = np.zeros((height, width), dtype=np.int32)
         self.groups = np.zeros((height, width), dtype=np.int32)
         self._group_distance = np.full((height, width), np.inf)
@@ -318,10 +343,12 @@ class WindowAccumulator:
 
     def add(self, window: Window, scores: np.ndarray, groups: Optional[np.ndarray] = None,
             num_groups: int = 0) -> None:
-        if scores.shape != (window.height, window.width, self.scores.shape[2]):
-            raise ValueError(f"window scores of shape {scores.shape} do not fit {window}")
+        if scores.shape != (self.scores.shape[0], window.height, window.width):
+            expected = (self.scores.shape[0], window.height, window.width)
+            raise ValueError(f"window scores of shape {scores.shape} do not fit {window}: expected (channels, "
+                             f"height, width) = {expected}")
         region = (slice(window.top, window.bottom), slice(window.left, window.right))
-        self.scores[region] += scores
+        self.scores[(slice(None),) + region] += scores
         self.count[region] += 1
         if groups is not None:
             centre_y = (window.top + window.bottom - 1) / 2
@@ -329,17 +356,21 @@ class WindowAccumulator:
             ys = np.abs(np.arange(window.top, window.bottom) - centre_y)[:, None]
             xs = np.abs(np.arange(window.left, window.right) - centre_x)[None, :]
             distance = np.maximum(ys, xs)
-            closer = distance < self._group_distance[region]
-            self._group_distance[region] = np.where(closer, distance, self._group_distance[region])
             offset = self._windows_added * num_groups
-            self.groups[region] = np.where(closer, groups.astype(np.int32) + offset, self.groups[region])
+            if self._windows_added == 0:  # every distance beats the initial infinity
+                self._group_distance[region] = distance
+                self.groups[region] = groups
+            else:
+                closer = distance < self._group_distance[region]
+                self._group_distance[region] = np.where(closer, distance, self._group_distance[region])
+                self.groups[region] = np.where(closer, groups.astype(np.int32) + offset, self.groups[region])
         self._windows_added += 1
 
     def average(self) -> np.ndarray:
         if np.any(self.count == 0):
             missing = int(np.sum(self.count == 0))
             raise ValueError(f"{missing} pixels are covered by no window")
-        return self.scores / self.count[:, :, None].astype(np.float32)
+        return self.scores / self.count.astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -377,9 +408,9 @@ def hard_group_map(assignments: Sequence[np.ndarray], grid: Tuple[int, int], hei
     distribution = group_distribution(assignments, rows * cols)
     if distribution.shape[0] != rows * cols:
         raise ValueError(f"the first assignment has {distribution.shape[0]} tokens, the grid {rows}x{cols}")
-    maps = distribution.reshape(rows, cols, -1)  # (rows, cols, groups)
-    resized = _resize_axis(_resize_axis(maps, height, 0), width, 1)  # (height, width, groups), float64
-    return np.argmax(resized, axis=-1)  # ties -> lowest group, as torch.argmax
+    maps = np.ascontiguousarray(distribution.T).reshape(-1, rows, cols)  # (groups, rows, cols)
+    resized = _resize_axis(_resize_axis(maps, height, 1), width, 2)  # (groups, height, width), float64
+    return argmax_first_axis(resized)  # ties -> lowest group, as torch.argmax
 
 
 def refine_label_map(image: np.ndarray, label_map: np.ndarray, num_labels: int,
@@ -697,19 +728,20 @@ class ZeroShotSegmenter:
             groups = hard_group_map([a[row] for a in assignments], grid, window.height, window.width)
             table = group_class_scores(group_embeds[row], image_embeds[row], self.text_embeddings, scale,
                                        self.top_k, self.background_threshold, self.logit_scale_max)
-            scores = table.astype(np.float32)[groups]  # (height, width, channels)
+            scores = np.ascontiguousarray(table.T, dtype=np.float32)[:, groups]  # (channels, height, width)
             pending[index].accumulator.add(window, scores, groups, num_groups=group_embeds.shape[1])
 
     def _finish(self, state: _Pending, names: Tuple[str, ...]) -> SegmentationResult:
         height, width = state.original_size
-        scores = resize_bilinear(state.accumulator.average(), height, width, axes=(0, 1))  # (H, W, channels)
+        average = state.accumulator.average()  # (channels, h, w) float32, a fresh array
+        scores = _resize_axis(_resize_axis(average, height, 1), width, 2)  # (channels, H, W)
         groups = resize_nearest(state.accumulator.groups, height, width)
-        label_map = np.argmax(scores, axis=-1).astype(np.int32)
+        label_map = argmax_first_axis(scores).astype(np.int32)
         if state.image is not None:
             label_map = refine_label_map(state.image, label_map, len(names))
         return SegmentationResult(
             label_map=label_map,
-            probabilities=np.ascontiguousarray(np.moveaxis(scores, -1, 0)),
+            probabilities=scores,
             group_map=groups.astype(np.int32),
             class_names=names,
             has_background=self.background_threshold is not None,

@@ -236,31 +236,34 @@ def test_accumulator_averages_overlaps_like_brute_force():
     acc = WindowAccumulator(channels, height, width)
     added = []
     for w in windows:
-        scores = rng.rand(w.height, w.width, channels).astype(np.float32)
+        scores = rng.rand(channels, w.height, w.width).astype(np.float32)
         acc.add(w, scores)
         added.append((w, scores))
     average = acc.average()
+    assert average.shape == (channels, height, width)
     for y in range(height):
         for x in range(width):
-            values = [s[y - w.top, x - w.left] for w, s in added
+            values = [s[:, y - w.top, x - w.left] for w, s in added
                       if w.top <= y < w.bottom and w.left <= x < w.right]
             assert len(values) >= 1
-            np.testing.assert_allclose(average[y, x], np.mean(values, axis=0), rtol=1e-6)
+            np.testing.assert_allclose(average[:, y, x], np.mean(values, axis=0), rtol=1e-6)
 
 
 def test_accumulator_refuses_uncovered_pixels_and_misfit_scores():
     acc = WindowAccumulator(2, 10, 10)
-    acc.add(Window(0, 0, 10, 5), np.ones((10, 5, 2), np.float32))
+    acc.add(Window(0, 0, 10, 5), np.ones((2, 10, 5), np.float32))
     with pytest.raises(ValueError, match="covered by no window"):
         acc.average()
     with pytest.raises(ValueError, match="do not fit"):
-        acc.add(Window(0, 0, 10, 5), np.ones((5, 10, 2), np.float32))
+        acc.add(Window(0, 0, 10, 5), np.ones((2, 5, 10), np.float32))
+    with pytest.raises(ValueError, match=r"expected \(channels, height, width\)"):
+        acc.add(Window(0, 0, 10, 5), np.ones((10, 5, 2), np.float32))  # channels-last
 
 
 def test_accumulator_group_map_takes_the_nearest_window_centre():
     acc = WindowAccumulator(1, 4, 12)
-    acc.add(Window(0, 0, 4, 8), np.zeros((4, 8, 1), np.float32), np.zeros((4, 8), int), num_groups=5)
-    acc.add(Window(0, 4, 4, 12), np.zeros((4, 8, 1), np.float32), np.ones((4, 8), int), num_groups=5)
+    acc.add(Window(0, 0, 4, 8), np.zeros((1, 4, 8), np.float32), np.zeros((4, 8), int), num_groups=5)
+    acc.add(Window(0, 4, 4, 12), np.zeros((1, 4, 8), np.float32), np.ones((4, 8), int), num_groups=5)
     # Columns 0..5 are nearer the first window's centre (3.5), 6..11 the second's (7.5); col 5/6 split evenly.
     assert acc.groups[0].tolist() == [0] * 6 + [6] * 6
 
@@ -279,6 +282,23 @@ def test_hard_group_map_matches_brute_force(grid, out):
     fast = hard_group_map([first, second], grid, *out)
     slow = _brute_group_map([first, second], grid, *out)
     np.testing.assert_array_equal(fast, slow)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
+def test_argmax_first_axis_is_numpys_argmax_with_ties_and_nan(dtype):
+    rng = np.random.RandomState(7)
+    stack = rng.randint(0, 4, size=(6, 9, 11)).astype(dtype)  # many ties
+    np.testing.assert_array_equal(seg.argmax_first_axis(stack), np.argmax(stack, axis=0))
+    if np.issubdtype(dtype, np.floating):
+        stack[3, 2, 5] = np.nan  # NaN wins, first NaN on several
+        stack[1, 0, 0] = stack[4, 0, 0] = np.nan
+        stack[0, 8, 10] = np.nan
+        expected = np.argmax(stack, axis=0)
+        assert expected[2, 5] == 3 and expected[0, 0] == 1 and expected[8, 10] == 0
+        np.testing.assert_array_equal(seg.argmax_first_axis(stack), expected)
+    np.testing.assert_array_equal(seg.argmax_first_axis(stack[:1]), np.zeros((9, 11)))
+    with pytest.raises(ValueError, match="stack of planes"):
+        seg.argmax_first_axis(np.zeros(5))
 
 
 def test_hard_group_map_single_stage_and_no_stage():
