@@ -321,6 +321,21 @@ def test_tf_function_dynamic_batch_and_length(micro, micro_inputs, traced):
     assert traced.experimental_get_tracing_count() == 1
 
 
+def test_inference_calls_run_eagerly_once_then_reuse_one_traced_graph(micro, micro_inputs):
+    config, _ = micro
+    model = _loaded(TFGroupViTModel, config)  # a fresh model: no cached graph functions
+    big, small = micro_inputs["big"]["pixel_values"], micro_inputs["small"]["pixel_values"]
+    first = model.get_image_features(big)  # first call of this kind: eager, nothing traced
+    functions = model.__dict__["_graph_functions"]
+    assert list(functions.values()) == [None]
+    second = model.get_image_features(big)  # second: traced
+    third = model.get_image_features(small)  # another batch size: the same graph
+    (function,) = functions.values()
+    assert function.experimental_get_tracing_count() == 1
+    np.testing.assert_allclose(_np(second), _np(first), rtol=1e-5, atol=1e-6)
+    assert tuple(third.shape) == (small.shape[0], config.projection_dim)
+
+
 @pytest.mark.parametrize("bad_id", [50, -1])
 def test_tf_function_out_of_range_ids_raise(micro_inputs, traced, bad_id):
     inputs = micro_inputs["big"]

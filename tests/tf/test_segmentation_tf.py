@@ -87,12 +87,34 @@ def test_backend_refuses_other_objects_and_bad_pixels(backend):
         backend.encode_image(np.zeros((3, 32, 32), np.float32))
 
 
-def test_image_pass_is_traced_once_per_spatial_size(backend):
-    first = backend.encode_image(np.zeros((2, 3, 40, 48), np.float32))
-    second = backend.encode_image(np.full((1, 3, 40, 48), 0.5, np.float32))  # another batch size
-    assert backend._image_functions[(40, 48)].experimental_get_tracing_count() == 1
-    assert first["image_embeds"].shape[0] == 2 and second["image_embeds"].shape[0] == 1
-    assert not np.allclose(first["image_embeds"][0], second["image_embeds"][0])
+def _image_pass_functions(backend):
+    from groupvit_tf.segmentation import _IMAGE_PASS
+
+    return {key[3]: function for key, function in backend.model.__dict__.get("_graph_functions", {}).items()
+            if key[0] == _IMAGE_PASS}
+
+
+def test_image_pass_runs_eagerly_once_then_is_traced_once_per_spatial_size(model_dir):
+    backend = SegmentationBackend.from_pretrained(model_dir, device="/CPU:0")
+    pixels = np.random.RandomState(0).rand(3, 3, 40, 48).astype(np.float32)
+    eager = backend.encode_image(pixels[:2])  # first call of this size: eager, nothing traced
+    assert list(_image_pass_functions(backend).values()) == [None]
+    traced = backend.encode_image(pixels[:2])  # second: traced
+    smaller = backend.encode_image(pixels[2:])  # another batch size: the same graph
+    other_size = backend.encode_image(pixels[:1, :, :32, :32])  # another spatial size: eager again
+    functions = _image_pass_functions(backend)
+    assert len(functions) == 2
+    (graph,) = [function for function in functions.values() if function is not None]
+    assert graph.experimental_get_tracing_count() == 1
+    for name in ("group_embeds", "image_embeds"):
+        np.testing.assert_allclose(traced[name], eager[name], atol=1e-5)
+    for mine, theirs in zip(traced["assignments"], eager["assignments"]):
+        np.testing.assert_allclose(mine, theirs, atol=1e-5)
+    assert smaller["image_embeds"].shape[0] == 1 and other_size["grid"] == (4, 4)
+    assert not np.allclose(smaller["image_embeds"][0], traced["image_embeds"][0])
+    backend.model.run_eagerly = True  # Keras' switch: no graphs at all
+    backend.encode_image(pixels[:1, :, :32, :32])
+    assert _image_pass_functions(backend) == functions
 
 
 def test_evaluate_command_on_a_synthetic_voc_dataset(model_dir, tmp_path, capsys):
