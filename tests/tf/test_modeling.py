@@ -52,6 +52,7 @@ def _assert_states_identical(got, expected):
     assert list(got) == list(expected) or sorted(got) == sorted(expected)
     for name, array in expected.items():
         assert got[name].dtype == np.asarray(array).dtype, name
+        assert got[name].shape == np.shape(array), name  # assert_array_equal would broadcast () against (1,)
         np.testing.assert_array_equal(got[name], array, err_msg=name)
 
 
@@ -174,6 +175,34 @@ def test_save_and_from_pretrained_round_trip(fmt, tiny, tiny_inputs, tiny_output
     out = _run_eager(loaded, tiny_inputs, output_segmentation=True)
     for key in ("logits_per_image", "segmentation_logits", "text_embeds", "image_embeds"):
         np.testing.assert_allclose(_np(out[key]), _np(tiny_outputs[key]), rtol=1e-6, atol=1e-6, err_msg=key)
+
+
+def test_from_pretrained_creates_the_variables_from_the_file_or_assigns_them(tiny, tmp_path, monkeypatch):
+    import contextlib
+
+    import keras
+
+    config, _ = tiny
+    state = random_weights(config, 3)
+    file_state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}  # absent -> 0
+    loading.save_pretrained(tmp_path, config, file_state)
+    expected = dict(state, **{k: np.zeros_like(v) for k, v in state.items() if k.endswith("num_batches_tracked")})
+    made = []
+    constant = modeling._constant
+    monkeypatch.setattr(modeling, "_constant", lambda value: made.append(value) or constant(value))
+    deferred = TFGroupViTModel.from_pretrained(tmp_path)
+    # With this Keras every variable was created holding its value (no placeholder, no assign).
+    assert len(made) == len(weight_specs(config))
+    _assert_states_identical(deferred.canonical_state(), expected)
+    # A Keras that creates variables at once (no deferral in the scope): assigned after the build instead.
+    made.clear()
+    monkeypatch.setattr(keras, "StatelessScope", contextlib.nullcontext)
+    assigned = TFGroupViTModel.from_pretrained(tmp_path)
+    assert made == []
+    _assert_states_identical(assigned.canonical_state(), expected)
+    inputs = random_inputs(config, 2, 2, seed=4)
+    np.testing.assert_array_equal(_np(_run_eager(deferred, inputs).logits_per_image),
+                                  _np(_run_eager(assigned, inputs).logits_per_image))
 
 
 def test_tower_models_load_from_a_full_checkpoint(tiny, tiny_inputs, tiny_outputs, tmp_path):
