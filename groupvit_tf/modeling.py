@@ -913,7 +913,8 @@ def _built_with_values(cls, config: Any, values: Mapping[str, np.ndarray]) -> ke
 
     The model is built inside a ``keras.StatelessScope``, where Keras defers creating the variables until the
     scope ends; each deferred variable is given its checkpoint value as initialiser first, so no variable is
-    filled with a placeholder and then assigned (loading the default-size model: ~0.4 s less on 2 CPU cores, and no placeholder copy in memory).
+    filled with a placeholder and then assigned (loading the default-size model: ~0.4 s less on 2 CPU cores, and
+    no placeholder copy in memory).
     Should a Keras version create the variables eagerly instead, they are assigned after the build, as
     ``load_canonical_state`` does: the result is the same either way.
     """
