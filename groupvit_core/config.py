@@ -72,6 +72,9 @@ def _check_int_list(owner: str, name: str, value: Any, allow_zero: bool, maximum
 
 
 SUPPORTED_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+# quick_gelu(h) = h * sigmoid(1.702 h) = silu(1.702 h) / 1.702: both frameworks run it as one SiLU between fc1
+# scaled by this factor and fc2's weight divided by it.
+QUICK_GELU_SCALE = 1.702
 
 
 def _check_activation(owner: str, value: Any) -> str:

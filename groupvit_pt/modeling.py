@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from groupvit_core import loading
-from groupvit_core.config import GroupViTConfig, GroupViTTextConfig, GroupViTVisionConfig, StageSpec
+from groupvit_core.config import (QUICK_GELU_SCALE, GroupViTConfig, GroupViTTextConfig, GroupViTVisionConfig,
+                                  StageSpec)
 from groupvit_core.outputs import BaseModelOutputWithPooling, GroupViTModelOutput
 from groupvit_core.resize import attention_grid, bicubic_matrix, bilinear_matrix
 from groupvit_core.weights import check_state, weight_specs
@@ -41,8 +42,6 @@ BATCH_NORM_MOMENTUM = 0.1
 # transformers' GroupViTConfig hard-codes these for the joint model's initialisation.
 JOINT_INITIALIZER_RANGE = 0.02
 JOINT_INITIALIZER_FACTOR = 1.0
-# quick_gelu(h) = h * sigmoid(1.702 h) = silu(1.702 h) / 1.702.
-QUICK_GELU_SCALE = 1.702
 
 AnyConfig = Union[GroupViTConfig, GroupViTTextConfig, GroupViTVisionConfig]
 ArrayLike = Union[torch.Tensor, np.ndarray]
@@ -54,7 +53,7 @@ ArrayLike = Union[torch.Tensor, np.ndarray]
 
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
+    return x * torch.sigmoid(QUICK_GELU_SCALE * x)
 
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
