@@ -29,9 +29,11 @@ TensorFlow specifics worth knowing:
   traces it (seconds at the default size), later ones skip Python and get TensorFlow's fused kernels.
   ``model.run_eagerly = True`` (Keras' switch) runs eagerly instead; ``model.jit_compile = True`` compiles the
   functions with XLA (Keras' "auto" does so on GPU only); on CPU that is 10-20% faster for image and text
-  features at a fixed batch size, but every new input shape compiles again (seconds). Inside the layers q/k/v come from one GEMM, every dense layer is one 2-D MatMul + BiasAdd (the
-  pattern the graph optimizer fuses), and ``get_text_features`` runs the text layers only up to the last
-  end-of-text token (``pooled_output``), as the PyTorch twin.
+  features at a fixed batch size, but every new input shape compiles again (seconds). Inside the layers q/k/v
+  come from one GEMM, every dense layer is one 2-D MatMul + BiasAdd with the MLP's activation on its 2-D result
+  (the pattern the graph optimizer fuses into one kernel), and ``get_text_features`` runs the text layers only up
+  to the last end-of-text token (``pooled_output``), as the PyTorch twin. From a checkpoint the variables are
+  created holding their values (no placeholder to fill and overwrite).
 """
 
 from __future__ import annotations
@@ -81,33 +83,20 @@ def _gelu_tanh(x: tf.Tensor) -> tf.Tensor:
 
 _ACTIVATIONS = {"quick_gelu": _quick_gelu, "gelu": _gelu, "gelu_new": _gelu_tanh, "gelu_pytorch_tanh": _gelu_tanh,
                 "relu": tf.nn.relu}
-# TensorFlow runs tf.nn.gelu as five elementwise kernels, each a full pass over the MLP's widest tensor (together
-# ~60 % of the preceding GEMM's time on CPU); compiled by XLA it is one fused pass: the vision tower is 5-10 %
-# faster (BENCHMARKS.md). quick_gelu (the text tower's, on smaller tensors) stays uncompiled: there XLA's per-call
-# overhead cost more than it saved; TFGroupViTMLP runs it as one SiLU instead. Set _XLA_ACTIVATIONS to False,
-# before the first call, where XLA is unavailable.
-_XLA_ACTIVATIONS = True
-_XLA_COMPILED = ("gelu", "gelu_new", "gelu_pytorch_tanh")
-_COMPILED_ACTIVATIONS: Dict[str, Any] = {}
+# The MLPs apply their activation to the 2-D output of fc1's MatMul + BiasAdd, before it is reshaped back
+# (``_linear(..., activation=...)``): there TensorFlow's oneDNN graph rewrite fuses an exact or tanh GELU into the
+# MatMul, where after the reshape tf.nn.gelu ran as five elementwise kernels, each a full pass over the MLP's
+# widest tensor (~55 % of the GEMM's time). Measured A/B in one process (default size, 2 CPU threads) against the
+# GELU compiled by XLA after the reshape, as before: image features of 16 images 0.91x, segmenting one image
+# 0.94x, the full forward 0.96x; outputs within 1.5e-5. quick_gelu (the text tower's) runs as one SiLU, see
+# TFGroupViTMLP.
 
 
 def activation(name: str):
-    """The activation function named by a config's ``hidden_act`` (the GELUs compiled by XLA, see above)."""
+    """The activation function named by a config's ``hidden_act``."""
     if name not in _ACTIVATIONS:
         raise ValueError(f"unsupported activation {name!r}")
-    plain = _ACTIVATIONS[name]
-    if name not in _XLA_COMPILED:
-        return plain
-
-    def run(x: tf.Tensor) -> tf.Tensor:
-        if not _XLA_ACTIVATIONS or tf.executing_eagerly():  # eagerly, compiling would cost more than one call
-            return plain(x)
-        compiled = _COMPILED_ACTIVATIONS.get(name)
-        if compiled is None:
-            compiled = _COMPILED_ACTIVATIONS[name] = tf.function(plain, jit_compile=True, reduce_retracing=True)
-        return compiled(x)
-
-    return run
+    return _ACTIVATIONS[name]
 
 
 # The vision tower's unmasked attention core (split heads, scaled scores, softmax, weighted sum, merge heads),
@@ -283,14 +272,14 @@ class TFGroupViTMLP(keras.layers.Layer):
     def call(self, hidden_states, residual=None, training: bool = False):
         """``fc2(act(fc1(hidden_states)))``, plus ``residual`` when given."""
         if self._hidden_act == "quick_gelu":
-            # quick_gelu as one SiLU, fc1 scaled by 1.702 and fc2's kernel by 1 / 1.702 (as groupvit_pt): the graph
-            # optimizer fuses MatMul + BiasAdd + SiLU, where x * sigmoid(1.702 x) ran as three more passes. Measured
-            # A/B in one process (default size, 2 CPU threads): text features of 64 texts of 77 tokens 0.89-0.91x,
-            # padded prompts 0.97-0.98x, the full forward 0.98-1.01x; outputs within 1.3e-5.
+            # quick_gelu as one SiLU, fc1 scaled by 1.702 and fc2's kernel by 1 / 1.702 (as groupvit_pt): one
+            # elementwise kernel where x * sigmoid(1.702 x) ran three. Measured A/B in one process (default size,
+            # 2 CPU threads): text features of 64 texts of 77 tokens 0.89-0.91x, padded prompts 0.97-0.98x, the
+            # full forward 0.98-1.01x; outputs within 1.3e-5.
             scale = QUICK_GELU_SCALE
-            inner = tf.nn.silu(_linear(hidden_states, self.fc1.kernel * scale, self.fc1.bias * scale))
+            inner = _linear(hidden_states, self.fc1.kernel * scale, self.fc1.bias * scale, activation=tf.nn.silu)
             return _linear(inner, self.fc2.kernel / scale, self.fc2.bias, residual)
-        inner = self._activation(_linear(hidden_states, self.fc1.kernel, self.fc1.bias))
+        inner = _linear(hidden_states, self.fc1.kernel, self.fc1.bias, activation=self._activation)
         return _linear(inner, self.fc2.kernel, self.fc2.bias, residual)
 
 
@@ -1349,12 +1338,15 @@ def _dense(in_features: int, out_features: int, name: str) -> keras.layers.Dense
     return layer
 
 
-def _linear(states: tf.Tensor, kernel, bias, residual: Optional[tf.Tensor] = None) -> tf.Tensor:
-    """``residual + states @ kernel + bias`` over the last axis, as one 2-D MatMul + BiasAdd (the pattern
-    TensorFlow's graph optimizer fuses, with a following activation, into one oneDNN kernel)."""
+def _linear(states: tf.Tensor, kernel, bias, residual: Optional[tf.Tensor] = None, activation=None) -> tf.Tensor:
+    """``residual + activation(states @ kernel + bias)`` over the last axis, as one 2-D MatMul + BiasAdd followed
+    by the activation on the 2-D result (the pattern TensorFlow's graph optimizer fuses into one oneDNN kernel),
+    then reshaped back."""
     units = kernel.shape[-1]
     flat = tf.reshape(states, [-1, states.shape[-1]])  # (tokens, in_features)
     out = tf.nn.bias_add(tf.matmul(flat, kernel), bias)
+    if activation is not None:
+        out = activation(out)
     # (tokens, units) -> (..., units), keeping the static sizes that are known
     dynamic = tf.shape(states)
     shape = [size if size is not None else dynamic[i] for i, size in enumerate(states.shape[:-1])] + [units]
