@@ -13,7 +13,7 @@ how to lay them out.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Tuple, Union
 
 import numpy as np
 
@@ -228,6 +228,26 @@ def check_state(state: Mapping[str, np.ndarray], config: AnyConfig, *, source: s
         problems.append(f"{len(misshaped)} tensor(s) with the wrong shape: {_preview(misshaped)}")
     if problems:
         raise ValueError(f"{source} does not match the config: " + "; ".join(problems))
+
+
+def checked_arrays(state: Mapping[str, np.ndarray], config: AnyConfig, *,
+                   source: str = "the canonical state") -> Dict[str, np.ndarray]:
+    """``check_state``, then {canonical name: numpy array of the spec's dtype} in table order, for loading.
+
+    A BatchNorm ``num_batches_tracked`` absent from ``state`` is 0; a non-numeric array raises ValueError. Arrays
+    already of the right dtype are not copied (they may be read-only views of a file).
+    """
+    check_state(state, config, source=source)
+    arrays = {}
+    for spec in weight_specs(config):
+        if spec.name not in state:  # a BatchNorm counter absent from the file (Keras has none)
+            arrays[spec.name] = np.zeros(spec.shape, dtype=spec.dtype)
+            continue
+        array = np.asarray(state[spec.name])
+        if array.dtype.kind not in "biuf":
+            raise ValueError(f"{spec.name} has non-numeric dtype {array.dtype}")
+        arrays[spec.name] = array.astype(spec.dtype, copy=False)
+    return arrays
 
 
 def _preview(names: List[str], limit: int = 8) -> str:

@@ -34,7 +34,7 @@ from groupvit_core.config import (QUICK_GELU_SCALE, GroupViTConfig, GroupViTText
                                   StageSpec)
 from groupvit_core.outputs import BaseModelOutputWithPooling, GroupViTModelOutput
 from groupvit_core.resize import attention_grid, bicubic_matrix, bilinear_matrix
-from groupvit_core.weights import check_state, weight_specs
+from groupvit_core.weights import checked_arrays, weight_specs
 
 # The projection heads' BatchNorm1d, as the reference builds it (torch momentum 0.1 == Keras momentum 0.9).
 BATCH_NORM_EPS = 1e-5
@@ -763,19 +763,11 @@ def _canonical_state(model: nn.Module, copy: bool = True) -> Dict[str, np.ndarra
 
 
 def _canonical_tensors(model: nn.Module, state: Mapping[str, np.ndarray]) -> Dict[str, torch.Tensor]:
-    check_state(state, model.config, source="the canonical state")
     tensors = {}
-    for spec in weight_specs(model.config):
-        if spec.name not in state:  # a BatchNorm counter absent from the file (Keras has none)
-            tensors[spec.name] = torch.zeros(spec.shape, dtype=torch.int64)
-            continue
-        array = np.asarray(state[spec.name])
-        if array.dtype.kind not in "biuf":
-            raise ValueError(f"{spec.name} has non-numeric dtype {array.dtype}")
-        array = array.astype(spec.dtype, copy=False)
+    for name, array in checked_arrays(state, model.config).items():
         if not array.flags.writeable or not array.flags.c_contiguous:
             array = np.array(array, order="C")
-        tensors[spec.name] = torch.from_numpy(array)
+        tensors[name] = torch.from_numpy(array)
     return tensors
 
 

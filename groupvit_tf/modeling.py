@@ -50,7 +50,7 @@ from groupvit_core.config import (QUICK_GELU_SCALE, GroupViTConfig, GroupViTText
                                   StageSpec)
 from groupvit_core.outputs import BaseModelOutputWithPooling, GroupViTModelOutput
 from groupvit_core.resize import attention_grid, bicubic_matrix, bilinear_matrix
-from groupvit_core.weights import check_state, spec_table, weight_specs
+from groupvit_core.weights import checked_arrays, spec_table, weight_specs
 
 # The projection heads' BatchNorm1d, as the reference builds it (Keras momentum 0.9 == torch momentum 0.1).
 BATCH_NORM_EPS = 1e-5
@@ -873,22 +873,10 @@ def _canonical_state(model: keras.Model) -> Dict[str, np.ndarray]:
 
 
 def _keras_values(config: Any, state: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """Checked canonical arrays -> {canonical name: array in the Keras layout} (views where a layout changes).
-
-    Strict: missing, unexpected or mis-shaped -> ValueError. A BatchNorm ``num_batches_tracked`` absent from
-    ``state`` is 0.
-    """
-    check_state(state, config, source="the canonical state")
-    values = {}
-    for spec in weight_specs(config):
-        if spec.name not in state:  # a BatchNorm counter absent from the file (Keras has none)
-            values[spec.name] = np.zeros(spec.keras_shape, dtype=spec.dtype)
-            continue
-        array = np.asarray(state[spec.name])
-        if array.dtype.kind not in "biuf":
-            raise ValueError(f"{spec.name} has non-numeric dtype {array.dtype}")
-        values[spec.name] = np.asarray(spec.to_keras(array), dtype=spec.dtype)
-    return values
+    """Checked canonical arrays -> {canonical name: array in the Keras layout} (``checked_arrays``: missing,
+    unexpected, mis-shaped or non-numeric -> ValueError; an absent BatchNorm ``num_batches_tracked`` is 0)."""
+    table = spec_table(config)
+    return {name: table[name].to_keras(array) for name, array in checked_arrays(state, config).items()}
 
 
 def _load_canonical_state(model: keras.Model, state: Mapping[str, np.ndarray]) -> keras.Model:

@@ -10,6 +10,7 @@ from groupvit_core.config import GroupViTConfig, GroupViTTextConfig, GroupViTVis
 from groupvit_core.weights import (
     canonical_to_h5,
     check_state,
+    checked_arrays,
     h5_to_canonical,
     select_submodel,
     spec_table,
@@ -86,6 +87,28 @@ def test_check_state_names_every_problem():
     assert "missing 1 tensor(s): logit_scale" in message
     assert "unexpected 1 tensor(s): extra.weight" in message
     assert "text_projection.0.bias: expected (19,), got (5,)" in message
+
+
+def test_checked_arrays_fill_absent_counters_convert_dtypes_and_refuse_non_numbers():
+    config = GroupViTConfig(**_golden()["odd"]["config"])
+    specs = weight_specs(config)
+    state = {s.name: np.ones(s.shape, np.float64 if s.dtype == "float32" else np.int32) for s in specs}
+    kept = np.ones(specs[0].shape, np.float32)
+    state[specs[0].name] = kept
+    del state["text_projection.1.num_batches_tracked"]
+    arrays = checked_arrays(state, config)
+    assert list(arrays) == [s.name for s in specs]
+    for spec in specs:
+        assert arrays[spec.name].dtype == np.dtype(spec.dtype) and arrays[spec.name].shape == spec.shape, spec.name
+    assert arrays["text_projection.1.num_batches_tracked"] == 0
+    assert arrays["visual_projection.1.num_batches_tracked"] == 1
+    assert arrays[specs[0].name] is kept  # the right dtype already: not copied
+    state[specs[1].name] = np.full(specs[1].shape, "x")
+    with pytest.raises(ValueError, match=f"{specs[1].name} has non-numeric dtype"):
+        checked_arrays(state, config)
+    del state["logit_scale"]
+    with pytest.raises(ValueError, match="missing 1 tensor"):
+        checked_arrays(state, config)
 
 
 def test_h5_errors_name_the_tensor():
