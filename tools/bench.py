@@ -592,13 +592,24 @@ def bench_loading(frameworks: Sequence[str], ckpt: str, config, inputs, args) ->
 # ----------------------------------------------------------------------------------------------------------------
 
 
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")  # what decides the GEMM kernels' speed
+
+
 def _cpu_name() -> str:
+    """'model name' of /proc/cpuinfo and the vector extensions that matter here, e.g. 'Intel(R) Xeon(R)
+    Processor (avx2 fma avx512f avx512_bf16 amx_tile)': the project's machines have been AMD (AVX2) and Intel
+    (AVX-512/AMX) CPUs of one marketing name or another, whose ratios differ."""
+    name, flags = None, set()
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
             for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
+                if line.startswith("model name") and name is None:
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    name = name or platform.processor() or "unknown CPU"
+    present = [flag for flag in _ISA_FLAGS if flag in flags]
+    return f"{name} ({' '.join(present)})" if present else name
 
 
 def _versions() -> str:
