@@ -343,8 +343,8 @@ class WindowAccumulator:
 
     def add(self, window: Window, scores: np.ndarray, groups: Optional[np.ndarray] = None,
             num_groups: int = 0) -> None:
-        if scores.shape != (self.scores.shape[0], window.height, window.width):
-            expected = (self.scores.shape[0], window.height, window.width)
+        expected = (self.scores.shape[0], window.height, window.width)
+        if scores.shape != expected:
             raise ValueError(f"window scores of shape {scores.shape} do not fit {window}: expected (channels, "
                              f"height, width) = {expected}")
         region = (slice(window.top, window.bottom), slice(window.left, window.right))
@@ -356,12 +356,12 @@ class WindowAccumulator:
             ys = np.abs(np.arange(window.top, window.bottom) - centre_y)[:, None]
             xs = np.abs(np.arange(window.left, window.right) - centre_x)[None, :]
             distance = np.maximum(ys, xs)
-            offset = self._windows_added * num_groups
-            if self._windows_added == 0:  # every distance beats the initial infinity
+            if self._windows_added == 0:  # every distance beats the initial infinity; no id offset yet
                 self._group_distance[region] = distance
                 self.groups[region] = groups
             else:
                 closer = distance < self._group_distance[region]
+                offset = self._windows_added * num_groups
                 self._group_distance[region] = np.where(closer, distance, self._group_distance[region])
                 self.groups[region] = np.where(closer, groups.astype(np.int32) + offset, self.groups[region])
         self._windows_added += 1
