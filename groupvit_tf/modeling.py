@@ -885,10 +885,13 @@ def _load_canonical_state(model: keras.Model, state: Mapping[str, np.ndarray]) -
     Layouts change through groupvit_core.weights (WeightSpec.to_keras). A BatchNorm ``num_batches_tracked``
     absent from ``state`` is set to 0.
     """
-    values = _keras_values(model.config, state)
-    for name, variable in _canonical_variables(model).items():  # all checked: assign
-        variable.assign(values[name])
+    _assign(_canonical_variables(model), _keras_values(model.config, state))  # all checked first
     return model
+
+
+def _assign(variables: Mapping[str, keras.Variable], values: Mapping[str, np.ndarray]) -> None:
+    for name, variable in variables.items():
+        variable.assign(values[name])
 
 
 def _constant(value: np.ndarray):
@@ -914,8 +917,7 @@ def _built_with_values(cls, config: Any, values: Mapping[str, np.ndarray]) -> ke
             for name, variable in variables.items():
                 variable._initializer = _constant(values[name])
     if not deferred:
-        for name, variable in variables.items():
-            variable.assign(values[name])
+        _assign(variables, values)
     return model
 
 
@@ -926,9 +928,7 @@ def _from_pretrained(cls, path: Union[str, os.PathLike]):
     raises OSError); the text and vision models load from a full checkpoint. Never imports torch.
     """
     config, state = loading.load_pretrained(path, cls.config_class)
-    values = _keras_values(config, state)  # every check before building
-    del state
-    return _built_with_values(cls, config, values)
+    return _built_with_values(cls, config, _keras_values(config, state))  # every check before building
 
 
 def _save_pretrained(model: keras.Model, path: Union[str, os.PathLike], format: str = "safetensors") -> str:
