@@ -522,6 +522,52 @@ def test_activations_match_their_formulas():
         modeling.activation("swish")
 
 
+@pytest.mark.parametrize("shape, shift", [((7, 32), 0.0), ((3, 5, 32), 0.0), ((3, 5, 32), 100.0), ((2, 3, 4, 32), 1.0)])
+def test_encoder_layer_norm_in_graphs_matches_float64(shape, shift, monkeypatch):
+    rng = np.random.RandomState(len(shape))
+    layer = modeling._layer_norm(32, 1e-5, "ln")
+    layer.gamma.assign(rng.standard_normal(32).astype(np.float32))
+    layer.beta.assign(rng.standard_normal(32).astype(np.float32))
+    x = (rng.standard_normal(shape) * 3 + shift).astype(np.float32)
+    x64 = x.astype(np.float64)
+    centred = x64 - x64.mean(-1, keepdims=True)
+    want = centred / np.sqrt((centred ** 2).mean(-1, keepdims=True) + 1e-5) * _np(layer.gamma) + _np(layer.beta)
+    atol = 2e-6 * (1 + shift)
+    signature = [tf.TensorSpec([None] * (len(shape) - 1) + [32], tf.float32)]
+    for fused in (True, False):  # the batch-norm form (forced where TensorFlow lacks oneDNN) and Keras' layer
+        monkeypatch.setattr(modeling, "_FUSED_LAYER_NORM", fused)
+        graph = tf.function(lambda t: modeling._pre_norm(layer, t, training=False), input_signature=signature)
+        np.testing.assert_allclose(_np(graph(x)), want, rtol=0, atol=atol, err_msg=f"fused={fused}")
+        ops = {op.type for op in graph.get_concrete_function().graph.get_operations()}
+        assert ("FusedBatchNormV3" in ops) == fused
+        # gradients through it (an inference graph may still be differentiated, e.g. for saliency maps)
+        with tf.GradientTape() as tape:
+            t = tf.constant(x)
+            tape.watch(t)
+            loss = tf.reduce_sum(tf.sin(graph(t)))
+        grad = _np(tape.gradient(loss, t))
+        with tf.GradientTape() as tape:
+            t = tf.constant(x)
+            tape.watch(t)
+            loss = tf.reduce_sum(tf.sin(layer(t)))
+        np.testing.assert_allclose(grad, _np(tape.gradient(loss, t)), rtol=1e-4, atol=1e-4 * (1 + shift))
+        # eagerly and in training Keras' layer runs as it is
+        training = tf.function(lambda t: modeling._pre_norm(layer, t, training=True), input_signature=signature)
+        assert "FusedBatchNormV3" not in {op.type for op in training.get_concrete_function().graph.get_operations()}
+        np.testing.assert_array_equal(_np(modeling._pre_norm(layer, tf.constant(x), training=False)), _np(layer(x)))
+
+
+def test_fused_layer_norm_only_on_a_onednn_cpu(monkeypatch):
+    monkeypatch.setattr(modeling, "_FUSED_LAYER_NORM", None)
+    monkeypatch.setattr(tf.config, "list_logical_devices", lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
+    assert modeling._fused_layer_norm_available() is False
+    from tensorflow.python.util import _pywrap_util_port
+
+    monkeypatch.setattr(modeling, "_FUSED_LAYER_NORM", None)
+    monkeypatch.setattr(tf.config, "list_logical_devices", lambda kind=None: [])
+    assert modeling._fused_layer_norm_available() is bool(_pywrap_util_port.IsMklEnabled())
+
+
 def test_hard_softmax_ties_go_to_the_lowest_index_and_pass_gradients_through():
     logits = tf.constant([[1.0, 3.0, 3.0], [2.0, 0.0, 2.0], [0.5, 0.5, 0.5]])
     with tf.GradientTape(persistent=True) as tape:
