@@ -1386,7 +1386,8 @@ def _layer_norm(size: int, eps: float, name: str) -> keras.layers.LayerNormaliza
 # "beta" is a vector, so where the arithmetic optimizer folded a following addition into it (the vision
 # embeddings' LayerNorm + position embeddings) it built a kernel that fails. Without oneDNN (TF_ENABLE_ONEDNN_OPTS=0)
 # nothing fuses and the batch-norm form is slower than Keras' (2.5-3.4 vs 1.5 ms), and with a GPU it is unmeasured:
-# both keep Keras' layer, as do eager calls and training.
+# both keep Keras' layer, as do eager calls and training. (A SavedModel exported on a oneDNN CPU keeps the form;
+# served without oneDNN it gives the same numbers, more slowly.)
 _FUSED_LAYER_NORM: Optional[bool] = None  # decided on first use: oneDNN on and no GPU
 
 
