@@ -216,11 +216,14 @@ class TFGroupViTAttention(keras.layers.Layer):
         tensor = tf.reshape(tensor, [batch, length, self._num_heads, self._head_dim])
         return tf.transpose(tensor, [0, 2, 1, 3])  # (batch, heads, length, head_dim)
 
-    def _project(self, states: tf.Tensor, layers: Tuple[keras.layers.Dense, ...]) -> List[tf.Tensor]:
+    @staticmethod
+    def _packed(states: tf.Tensor, layers: Tuple[keras.layers.Dense, ...]) -> tf.Tensor:
         # One GEMM over the kernels side by side (concatenated at run time: the checkpoint layout is untouched).
-        kernel = tf.concat([layer.kernel for layer in layers], axis=1)
-        bias = tf.concat([layer.bias for layer in layers], axis=0)
-        return tf.split(_linear(states, kernel, bias), len(layers), axis=-1)
+        return _linear(states, tf.concat([layer.kernel for layer in layers], axis=1),
+                       tf.concat([layer.bias for layer in layers], axis=0))
+
+    def _project(self, states: tf.Tensor, layers: Tuple[keras.layers.Dense, ...]) -> List[tf.Tensor]:
+        return tf.split(self._packed(states, layers), len(layers), axis=-1)
 
     def _project_heads(self, states: tf.Tensor) -> List[tf.Tensor]:
         # Self-attention q, k, v already split into heads, each (batch, heads, length, head_dim), q scaled: one GEMM,
@@ -229,9 +232,7 @@ class TFGroupViTAttention(keras.layers.Layer):
         # every value once more, then transposed q, k and v one by one. Measured A/B in one process (default size,
         # 2 CPU threads): text features 0.96-0.98x; outputs identical.
         batch, length = tf.shape(states)[0], tf.shape(states)[1]
-        layers = (self.q_proj, self.k_proj, self.v_proj)
-        packed = _linear(states, tf.concat([layer.kernel for layer in layers], axis=1),
-                         tf.concat([layer.bias for layer in layers], axis=0))
+        packed = self._packed(states, (self.q_proj, self.k_proj, self.v_proj))
         packed = tf.reshape(packed, [batch, length, 3, self._num_heads, self._head_dim])
         query, key, value = tf.unstack(tf.transpose(packed, [2, 0, 3, 1, 4]), num=3, axis=0)
         return [query * self._scale, key, value]
@@ -1381,13 +1382,13 @@ def _layer_norm(size: int, eps: float, name: str) -> keras.layers.LayerNormaliza
 # fast as Keras'). Keras' LayerNormalization makes eight passes over the tensor there. In a traced function, 2 CPU
 # threads: (64, 20, 256) 1.3-1.7 -> 0.6-0.9 ms, (16, 260, 384) 3.3 -> 1.2 ms; against float64 at least as accurate
 # as Keras' (0.4-0.8x its error, inputs shifted by up to 1e4).
-# In the model, A/B in one process (default size, 2 CPU threads): text features 0.88-0.89x, image features of 16
-# images 0.94x, the full forward 0.93x. Only before the layers' GEMMs: the remapper does not check that the added
-# "beta" is a vector, so where the arithmetic optimizer folded a following addition into it (the vision
-# embeddings' LayerNorm + position embeddings) it built a kernel that fails. Without oneDNN (TF_ENABLE_ONEDNN_OPTS=0)
-# nothing fuses and the batch-norm form is slower than Keras' (2.5-3.4 vs 1.5 ms), and with a GPU it is unmeasured:
-# both keep Keras' layer, as do eager calls and training. (A SavedModel exported on a oneDNN CPU keeps the form;
-# served without oneDNN it gives the same numbers, more slowly.)
+# In the model, A/B in one process (default size, 2 CPU threads, two runs): text features 0.88-0.90x, image
+# features of 16 images 0.94-0.945x, the full forward 0.93-0.96x. Only before the layers' GEMMs: the remapper does
+# not check that the added "beta" is a vector, so where the arithmetic optimizer folded a following addition into
+# it (the vision embeddings' LayerNorm + position embeddings) it built a kernel that fails. Without oneDNN
+# (TF_ENABLE_ONEDNN_OPTS=0) nothing fuses and the batch-norm form is slower than Keras' (2.5-3.4 vs 1.5 ms), and
+# with a GPU it is unmeasured: both keep Keras' layer, as do eager calls and training. (A SavedModel exported on a
+# oneDNN CPU keeps the form; served without oneDNN it gives the same numbers, more slowly.)
 _FUSED_LAYER_NORM: Optional[bool] = None  # decided on first use: oneDNN on and no GPU
 
 
