@@ -29,13 +29,14 @@ TensorFlow specifics worth knowing:
   traces it (seconds at the default size), later ones skip Python and get TensorFlow's fused kernels.
   ``model.run_eagerly = True`` (Keras' switch) runs eagerly instead; ``model.jit_compile = True`` compiles the
   functions with XLA (Keras' "auto" does so on GPU only); on CPU that is no faster (0.94-1.06x for image and text
-  features at a fixed batch size, since MLP activations and LayerNorms run fused without it) and every new input
-  shape compiles again (seconds). Inside the layers q/k/v
-  come from one GEMM, every dense layer is one 2-D MatMul + BiasAdd with the MLP's activation on its 2-D result
-  (the pattern the graph optimizer fuses into one kernel), the encoder layers' LayerNorms in traced inference
-  graphs on oneDNN CPUs take the form it fuses into one kernel (``_pre_norm``), and ``get_text_features`` runs the
-  text layers only up to the last end-of-text token (``pooled_output``), as the PyTorch twin. From a checkpoint
-  the variables are created holding their values (no placeholder to fill and overwrite).
+  features at a fixed batch size) and every new input shape compiles again (seconds). Inside the layers the
+  masked (text) self-attention's q/k/v come from one GEMM split into heads by one transpose (elsewhere one GEMM
+  per projection, see ``_project``), every dense layer is one 2-D MatMul + BiasAdd with the MLP's activation on
+  its 2-D result (the pattern the graph optimizer fuses into one kernel), the encoder layers' LayerNorms in traced
+  inference graphs on oneDNN CPUs take the form it fuses into one kernel (``_pre_norm``), and
+  ``get_text_features`` runs the text layers only up to the last end-of-text token (``pooled_output``), as the
+  PyTorch twin. From a checkpoint the variables are created holding their values (no placeholder to fill and
+  overwrite).
 """
 
 from __future__ import annotations
@@ -218,22 +219,26 @@ class TFGroupViTAttention(keras.layers.Layer):
         return tf.transpose(tensor, [0, 2, 1, 3])  # (batch, heads, length, head_dim)
 
     @staticmethod
-    def _packed(states: tf.Tensor, layers: Tuple[keras.layers.Dense, ...]) -> tf.Tensor:
-        # One GEMM over the kernels side by side (concatenated at run time: the checkpoint layout is untouched).
-        return _linear(states, tf.concat([layer.kernel for layer in layers], axis=1),
-                       tf.concat([layer.bias for layer in layers], axis=0))
-
-    def _project(self, states: tf.Tensor, layers: Tuple[keras.layers.Dense, ...]) -> List[tf.Tensor]:
-        return tf.split(self._packed(states, layers), len(layers), axis=-1)
+    def _project(states: tf.Tensor, layers: Tuple[keras.layers.Dense, ...]) -> List[tf.Tensor]:
+        # One GEMM per projection where q, k and v are wanted as (batch, length, hidden) tensors (the compiled
+        # vision attention, cross-attention): here that beats one GEMM over the kernels concatenated at run time
+        # and a Split, whose copies (the kernels, 1.8 MB per vision layer on every call, and every output value)
+        # cost more than the wider GEMM saves. A/B in one process (default size, 2 CPU threads), outputs
+        # identical: image features of 16 images 0.95x, segmenting one image 0.93x (0.94x with its 20 prompts),
+        # the full forward 0.96x.
+        return [_linear(states, layer.kernel, layer.bias) for layer in layers]
 
     def _project_heads(self, states: tf.Tensor) -> List[tf.Tensor]:
         # Self-attention q, k, v already split into heads, each (batch, heads, length, head_dim), q scaled: one GEMM,
         # then ONE transpose of the (batch, length, 3, heads, head_dim) result to (3, batch, heads, length,
         # head_dim), whose split along the first axis copies nothing. Splitting the GEMM's last axis first copied
         # every value once more, then transposed q, k and v one by one. Measured A/B in one process (default size,
-        # 2 CPU threads): text features 0.96-0.98x; outputs identical.
+        # 2 CPU threads): text features 0.96-0.98x; outputs identical. Three GEMMs and three head transposes instead
+        # are no faster here (0.87-1.08x on the text shapes in a microbenchmark), unlike in _project.
         batch, length = tf.shape(states)[0], tf.shape(states)[1]
-        packed = self._packed(states, (self.q_proj, self.k_proj, self.v_proj))
+        layers = (self.q_proj, self.k_proj, self.v_proj)  # kernels side by side at run time (checkpoint untouched)
+        packed = _linear(states, tf.concat([layer.kernel for layer in layers], axis=1),
+                         tf.concat([layer.bias for layer in layers], axis=0))
         packed = tf.reshape(packed, [batch, length, 3, self._num_heads, self._head_dim])
         query, key, value = tf.unstack(tf.transpose(packed, [2, 0, 3, 1, 4]), num=3, axis=0)
         return [query * self._scale, key, value]
@@ -241,8 +246,7 @@ class TFGroupViTAttention(keras.layers.Layer):
     def call(self, hidden_states, encoder_hidden_states=None, attention_mask=None, causal: bool = False,
              output_attentions: bool = False, residual=None, training: bool = False):
         """Returns (output, probabilities or None). ``attention_mask``: boolean (True = attend) or additive,
-        broadcastable to (batch, heads, queries, keys). With ``residual`` the output is ``residual + attention``.
-        q/k/v (k/v for cross-attention) come from one GEMM."""
+        broadcastable to (batch, heads, queries, keys). With ``residual`` the output is ``residual + attention``."""
         compiled = (_XLA_ATTENTION and attention_mask is None and not causal and not output_attentions
                     and not (training and self._dropout > 0) and not tf.executing_eagerly())
         if encoder_hidden_states is None and not compiled:
@@ -383,10 +387,7 @@ class TFGroupViTAssignAttention(keras.layers.Layer):
         """query (batch, groups, C), key (batch, tokens, C) -> (new group tokens, soft assignment (batch, groups,
         tokens))."""
         query = _linear(query, self.q_proj.kernel, self.q_proj.bias)
-        # k and v by one GEMM over the two kernels side by side: (batch, tokens, C) each
-        kernel = tf.concat([self.k_proj.kernel, self.v_proj.kernel], axis=1)
-        bias = tf.concat([self.k_proj.bias, self.v_proj.bias], axis=0)
-        key, value = tf.split(_linear(key, kernel, bias), 2, axis=-1)
+        key, value = TFGroupViTAttention._project(key, (self.k_proj, self.v_proj))  # (batch, tokens, C) each
         raw = tf.matmul(query, key, transpose_b=True) * self._scale  # (batch, groups, tokens)
         if training and self._gumbel:
             assignment = gumbel_softmax(raw, axis=-2, hard=True)
