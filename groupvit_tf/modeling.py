@@ -252,11 +252,9 @@ class TFGroupViTAttention(keras.layers.Layer):
         if encoder_hidden_states is None and not compiled:
             query, key, value = self._project_heads(hidden_states)
         else:
-            if encoder_hidden_states is None:
-                query, key, value = self._project(hidden_states, (self.q_proj, self.k_proj, self.v_proj))
-            else:
-                query = _linear(hidden_states, self.q_proj.kernel, self.q_proj.bias)
-                key, value = self._project(encoder_hidden_states, (self.k_proj, self.v_proj))
+            query = _linear(hidden_states, self.q_proj.kernel, self.q_proj.bias)
+            source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+            key, value = self._project(source, (self.k_proj, self.v_proj))
             if compiled:
                 output = _compiled_attention(self._num_heads, self._hidden_size)(query, key, value)
                 return _linear(output, self.out_proj.kernel, self.out_proj.bias, residual), None
