@@ -267,6 +267,8 @@ def resize_bilinear(array: np.ndarray, height: int, width: int, axes: Tuple[int,
 def resize_nearest(labels: np.ndarray, height: int, width: int) -> np.ndarray:
     """Nearest-neighbour resize of the last two axes, source index floor(dst * in / out) as PyTorch's 'nearest'."""
     in_h, in_w = labels.shape[-2:]
+    if (in_h, in_w) == (height, width):
+        return labels.copy()
     rows = np.minimum((np.arange(height) * (in_h / height)).astype(np.int64), in_h - 1)
     cols = np.minimum((np.arange(width) * (in_w / width)).astype(np.int64), in_w - 1)
     return labels[..., rows[:, None], cols[None, :]]
@@ -564,8 +566,10 @@ class _Pending:
     """Per-image state while its windows run."""
 
     original_size: Tuple[int, int]
-    accumulator: WindowAccumulator
+    accumulator: Optional[WindowAccumulator]  # None when one window covers the image
     image: Optional[np.ndarray] = None  # the RGB image, kept only for refine
+    scores: Optional[np.ndarray] = None  # the one window's (channels, height, width) scores, without accumulator
+    groups: Optional[np.ndarray] = None  # and its (height, width) int32 group map
 
 
 def _backend_attribute(backend: Any, name: str) -> Any:
@@ -666,9 +670,15 @@ class ZeroShotSegmenter:
         if self.short_side is not None:
             height, width = rescaled_size(height, width, self.short_side, self.max_long_side)
         resized = resize_image_uint8(rgb, height, width)
-        pixels = (resized.astype(np.float64) * self.rescale_factor).astype(np.float32)
-        pixels = (pixels - self.mean) / self.std
-        return rgb, np.ascontiguousarray(np.moveaxis(pixels, -1, 0), dtype=np.float32)
+        # Normalised through a table of the 256 levels per channel: the arithmetic applied to each pixel,
+        # ((level * rescale_factor) as float32 - mean) / std, done once per level instead of once per pixel.
+        levels = (np.arange(256, dtype=np.float64) * self.rescale_factor).astype(np.float32)
+        mean, std = (np.broadcast_to(v, (3,)).reshape(3, 1) for v in (self.mean, self.std))
+        table = ((levels[None, :] - mean) / std).astype(np.float32)  # (3, 256)
+        pixels = np.empty((3, height, width), dtype=np.float32)
+        for channel in range(3):
+            np.take(table[channel], resized[:, :, channel], out=pixels[channel])
+        return rgb, pixels
 
     def windows_for(self, height: int, width: int) -> List[Window]:
         if self.window == "whole":
@@ -695,9 +705,12 @@ class ZeroShotSegmenter:
         for index, image in enumerate(images):
             rgb, pixels = self.prepare(image)
             height, width = pixels.shape[1:]
-            pending.append(_Pending(rgb.shape[:2], WindowAccumulator(len(names), height, width),
-                                    rgb if self.refine else None))
-            for window in self.windows_for(height, width):
+            windows = self.windows_for(height, width)
+            # One window covers every pixel once: its scores are the average, kept as they come (exactly what
+            # the accumulator's sum and division by one would give) without the accumulator's passes.
+            accumulator = WindowAccumulator(len(names), height, width) if len(windows) > 1 else None
+            pending.append(_Pending(rgb.shape[:2], accumulator, rgb if self.refine else None))
+            for window in windows:
                 crop = pixels[:, window.top:window.bottom, window.left:window.right]
                 size = self.model_input_size(window.height, window.width)
                 if size != (window.height, window.width):
@@ -728,14 +741,22 @@ class ZeroShotSegmenter:
             groups = hard_group_map([a[row] for a in assignments], grid, window.height, window.width)
             table = group_class_scores(group_embeds[row], image_embeds[row], self.text_embeddings, scale,
                                        self.top_k, self.background_threshold, self.logit_scale_max)
-            scores = np.ascontiguousarray(table.T, dtype=np.float32)[:, groups]  # (channels, height, width)
-            pending[index].accumulator.add(window, scores, groups, num_groups=group_embeds.shape[1])
+            # (channels, height, width), C-contiguous (np.take; fancy indexing would lay the channels out last)
+            scores = np.take(np.ascontiguousarray(table.T, dtype=np.float32), groups, axis=1)
+            state = pending[index]
+            if state.accumulator is None:
+                state.scores, state.groups = scores, groups.astype(np.int32)
+            else:
+                state.accumulator.add(window, scores, groups, num_groups=group_embeds.shape[1])
 
     def _finish(self, state: _Pending, names: Tuple[str, ...]) -> SegmentationResult:
         height, width = state.original_size
-        average = state.accumulator.average()  # (channels, h, w) float32, a fresh array
+        if state.accumulator is None:
+            average, groups = state.scores, state.groups  # (channels, h, w) float32, (h, w) int32
+        else:
+            average, groups = state.accumulator.average(), state.accumulator.groups  # fresh arrays
         scores = _resize_axis(_resize_axis(average, height, 1), width, 2)  # (channels, H, W)
-        groups = resize_nearest(state.accumulator.groups, height, width)
+        groups = resize_nearest(groups, height, width)
         label_map = argmax_first_axis(scores).astype(np.int32)
         if state.image is not None:
             label_map = refine_label_map(state.image, label_map, len(names))

@@ -454,6 +454,29 @@ def test_whole_image_with_resizing_matches_brute_force(tokenizer):
     np.testing.assert_array_equal(result.label_map, np.argmax(expected, axis=0))
 
 
+@pytest.mark.parametrize("window,threshold", [("whole", None), ("whole", 0.9), ("slide", None)])
+def test_one_window_without_resizing_matches_brute_force(tokenizer, window, threshold):
+    # One window covering the image (whole, or a sliding window larger than the image) at the model's size: the
+    # scores are taken as the window gives them, without the accumulator.
+    backend = FakeBackend(seed=4)
+    segmenter = ZeroShotSegmenter(backend, tokenizer, window=window, short_side=None, window_size=32, stride=16,
+                                  background_threshold=threshold, top_k=2)
+    segmenter.set_classes(["a", "b", "c"])
+    image = _image(16, 24, seed=7)
+    result = segmenter.segment([image])[0]
+    assert backend.image_shapes == [(1, 3, 16, 24)]
+    _, pixels = segmenter.prepare(image)
+    expected = _brute_segment(backend, segmenter.text_embeddings.astype(np.float64), pixels,
+                              [Window(0, 0, 16, 24)], 2, threshold)
+    np.testing.assert_allclose(result.probabilities, expected, atol=1e-6)
+    np.testing.assert_array_equal(result.label_map, np.argmax(expected, axis=0))
+    out = backend.encode_image(pixels[None])
+    groups = _brute_group_map([a[0].astype(np.float64) for a in out["assignments"]], out["grid"], 16, 24)
+    np.testing.assert_array_equal(result.group_map, groups)
+    assert result.probabilities.dtype == np.float32 and result.probabilities.flags.c_contiguous
+    assert result.label_map.dtype == np.int32 and result.group_map.dtype == np.int32
+
+
 def test_window_not_a_multiple_of_the_patch_is_resized_for_the_model(tokenizer):
     backend = FakeBackend()
     segmenter = ZeroShotSegmenter(backend, tokenizer, window="whole", short_side=None)
@@ -481,15 +504,44 @@ def test_batches_of_images_of_different_sizes(tokenizer):
 
 
 def test_prepare_normalises_with_the_preset(tokenizer):
-    image = _image(8, 8)
+    from groupvit_core.image import NORMALIZATION_PRESETS
+
+    # Every level in every channel: each pixel gets ((level / 255) as float32 - mean) / std in float32, exactly.
+    image = np.stack([np.arange(256).reshape(16, 16), np.arange(256)[::-1].reshape(16, 16),
+                      np.arange(256).reshape(16, 16).T], axis=-1).astype(np.uint8)
     for preset in ("imagenet", "clip"):
         segmenter = ZeroShotSegmenter(FakeBackend(), tokenizer, preset=preset, short_side=None)
-        from groupvit_core.image import NORMALIZATION_PRESETS
         mean, std = (np.array(v, dtype=np.float32) for v in NORMALIZATION_PRESETS[preset])
         rgb, pixels = segmenter.prepare(image)
-        expected = ((image.astype(np.float32) / 255 - mean) / std).transpose(2, 0, 1)
-        np.testing.assert_allclose(pixels, expected, atol=1e-6)
+        levels = (image.astype(np.float64) * (1 / 255)).astype(np.float32)
+        expected = ((levels - mean) / std).transpose(2, 0, 1)
+        np.testing.assert_array_equal(pixels, expected)
+        assert pixels.dtype == np.float32 and pixels.flags.c_contiguous
         np.testing.assert_array_equal(rgb, image)
+        np.testing.assert_allclose(pixels, ((image / 255 - mean) / std).transpose(2, 0, 1), atol=1e-6)
+
+
+def test_prepare_with_an_image_processors_normalisation(tokenizer):
+    class Processor:  # a scalar mean and std apply to every channel
+        image_mean, image_std, rescale_factor = 0.5, 0.25, 1 / 127.5
+
+    segmenter = ZeroShotSegmenter(FakeBackend(), tokenizer, image_processor=Processor(), short_side=None)
+    image = _image(6, 10, seed=3)
+    _, pixels = segmenter.prepare(image)
+    levels = (image.astype(np.float64) * (1 / 127.5)).astype(np.float32)
+    np.testing.assert_array_equal(pixels, ((levels - np.float32(0.5)) / np.float32(0.25)).transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("out", [(7, 5), (12, 20), (4, 6)])
+def test_resize_nearest_takes_floor_of_the_scaled_index(out):
+    labels = np.arange(24, dtype=np.int32).reshape(4, 6)
+    result = seg.resize_nearest(labels, *out)
+    expected = [[labels[min(y * 4 // out[0], 3), min(x * 6 // out[1], 5)] for x in range(out[1])]
+                for y in range(out[0])]
+    np.testing.assert_array_equal(result, expected)
+    assert result.dtype == np.int32
+    result[...] = -1  # a fresh array, also at the same size
+    assert labels.min() == 0
 
 
 def test_uint8_resize_is_bilinear_without_antialiasing():
