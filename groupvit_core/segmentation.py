@@ -561,15 +561,28 @@ class SegmentationResult:
         return {name: float(counts[i]) / total for i, name in enumerate(self.class_names)}
 
 
+class _OneWindow:
+    """The accumulator of an image that one window covers: the window's scores are the average as they come
+    (what WindowAccumulator's sum into zeros and division by a count of one would give), without those passes."""
+
+    def __init__(self) -> None:
+        self.scores: Optional[np.ndarray] = None
+        self.groups: Optional[np.ndarray] = None
+
+    def add(self, window: Window, scores: np.ndarray, groups: np.ndarray, num_groups: int = 0) -> None:
+        self.scores, self.groups = scores, groups.astype(np.int32)  # scores: the caller's fresh array, kept
+
+    def average(self) -> np.ndarray:
+        return self.scores
+
+
 @dataclass
 class _Pending:
     """Per-image state while its windows run."""
 
     original_size: Tuple[int, int]
-    accumulator: Optional[WindowAccumulator]  # None when one window covers the image
+    accumulator: Union[WindowAccumulator, _OneWindow]
     image: Optional[np.ndarray] = None  # the RGB image, kept only for refine
-    scores: Optional[np.ndarray] = None  # the one window's (channels, height, width) scores, without accumulator
-    groups: Optional[np.ndarray] = None  # and its (height, width) int32 group map
 
 
 def _backend_attribute(backend: Any, name: str) -> Any:
@@ -706,9 +719,7 @@ class ZeroShotSegmenter:
             rgb, pixels = self.prepare(image)
             height, width = pixels.shape[1:]
             windows = self.windows_for(height, width)
-            # One window covers every pixel once: its scores are the average, kept as they come (exactly what
-            # the accumulator's sum and division by one would give) without the accumulator's passes.
-            accumulator = WindowAccumulator(len(names), height, width) if len(windows) > 1 else None
+            accumulator = WindowAccumulator(len(names), height, width) if len(windows) > 1 else _OneWindow()
             pending.append(_Pending(rgb.shape[:2], accumulator, rgb if self.refine else None))
             for window in windows:
                 crop = pixels[:, window.top:window.bottom, window.left:window.right]
@@ -743,20 +754,13 @@ class ZeroShotSegmenter:
                                        self.top_k, self.background_threshold, self.logit_scale_max)
             # (channels, height, width), C-contiguous (np.take; fancy indexing would lay the channels out last)
             scores = np.take(np.ascontiguousarray(table.T, dtype=np.float32), groups, axis=1)
-            state = pending[index]
-            if state.accumulator is None:
-                state.scores, state.groups = scores, groups.astype(np.int32)
-            else:
-                state.accumulator.add(window, scores, groups, num_groups=group_embeds.shape[1])
+            pending[index].accumulator.add(window, scores, groups, num_groups=group_embeds.shape[1])
 
     def _finish(self, state: _Pending, names: Tuple[str, ...]) -> SegmentationResult:
         height, width = state.original_size
-        if state.accumulator is None:
-            average, groups = state.scores, state.groups  # (channels, h, w) float32, (h, w) int32
-        else:
-            average, groups = state.accumulator.average(), state.accumulator.groups  # fresh arrays
+        average = state.accumulator.average()  # (channels, h, w) float32, a fresh array
         scores = _resize_axis(_resize_axis(average, height, 1), width, 2)  # (channels, H, W)
-        groups = resize_nearest(groups, height, width)
+        groups = resize_nearest(state.accumulator.groups, height, width)
         label_map = argmax_first_axis(scores).astype(np.int32)
         if state.image is not None:
             label_map = refine_label_map(state.image, label_map, len(names))
