@@ -702,7 +702,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     parser.add_argument("--repeats", type=int, default=7, help="timed interleaved rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds after the first call")
-    parser.add_argument("--load-repeats", type=int, default=3, help="child processes per side for workload 5")
+    parser.add_argument("--load-repeats", type=int, default=5,
+                        help="child processes per side for workload 5 (the median; an odd count)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--write", metavar="PATH", help="write the report (markdown) to PATH")
     parser.add_argument("--json", metavar="PATH", help="write every sample as JSON to PATH")
