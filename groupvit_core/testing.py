@@ -339,9 +339,18 @@ TOLERANCES: Dict[str, Tuple[float, float]] = {
 TENSOR_RELATIVE_KINDS = frozenset({"gradients"})
 
 
+#: Prefixes of the golden files' repeated runs: other images (``interp_``), other text paddings (``padded_``,
+#: ``leftpad_``); an output keeps its tolerance under any of them.
+GOLDEN_RUN_PREFIXES = ("interp_", "padded_", "leftpad_")
+
+
 def tolerance_kind(key: str) -> str:
-    """The row of TOLERANCES that a named output belongs to (``interp_`` prefixes and ``[i]`` suffixes ignored)."""
-    base = key[len("interp_"):] if key.startswith("interp_") else key
+    """The row of TOLERANCES that a named output belongs to (GOLDEN_RUN_PREFIXES and ``[i]`` suffixes ignored)."""
+    base = key
+    for prefix in GOLDEN_RUN_PREFIXES:
+        if base.startswith(prefix):
+            base = base[len(prefix):]
+            break
     base = base.split("[")[0]
     if base.startswith(("logits", "loss")):
         return "logits"

@@ -20,6 +20,11 @@ loads ``random_weights(config, seed=0)`` strictly, puts it in eval mode and reco
   reference's tuple: each stage's input, then the last stage's output; shapes differ), ``assignment_<i>`` (the
   soft assignment maps, the vision "attentions", one per grouping stage);
 * ``text_features`` / ``image_features``: ``get_text_features`` / ``get_image_features`` (unnormalised);
+* text batches padded as the joint inputs are not (their first text is never padded): ``padded_*`` with every
+  text right-padded, so that past the longest text every key is masked in every row, and ``leftpad_*`` with one
+  text left-padded, whose first rows see only masked keys; each with its ``input_ids`` and ``attention_mask`` and
+  the text tower's ``text_last_hidden_state``, ``text_pooler_output``, ``text_attentions`` (stacked) and
+  ``text_features``;
 * for some configs ``interp_*``: the same joint outputs for a differently sized image batch
   (``interp_pixel_values``) with interpolate_pos_encoding=True. The reference cannot reach position interpolation
   from its forward (a known bug), so the script sets the flag on the reference's own embeddings module; everything
@@ -57,6 +62,7 @@ from groupvit_core.testing import (  # noqa: E402
     random_weights,
     state_checksum,
     test_config,
+    text_special_ids,
 )
 
 WEIGHTS_SEED = 0
@@ -158,6 +164,42 @@ def _joint_outputs(model, inputs: Dict[str, np.ndarray], return_loss: bool, pref
     return {prefix + key: value for key, value in result.items()}
 
 
+def _padded_texts(config, seed: int) -> Dict[str, Dict[str, np.ndarray]]:
+    """{prefix: inputs}: three texts all right-padded (``padded_``), and the same with the first text moved two
+    positions right behind padding (``leftpad_``)."""
+    text = config.text_config
+    width = min(text.max_position_embeddings, 16)
+    lengths = [width - 4, width - 6, min(3, width - 4)]
+    texts = random_inputs(config, 0, len(lengths), seed=seed, text_lengths=lengths)
+    pad = text_special_ids(text)[2]
+    ids = np.full((len(lengths), width), pad, dtype=np.int64)
+    mask = np.zeros((len(lengths), width), dtype=np.int64)
+    ids[:, :texts["input_ids"].shape[1]] = texts["input_ids"]
+    mask[:, :texts["attention_mask"].shape[1]] = texts["attention_mask"]
+    left_ids, left_mask = ids.copy(), mask.copy()
+    left_ids[0] = np.concatenate([np.full(2, pad), ids[0, :-2]])
+    left_mask[0] = np.concatenate([np.zeros(2, dtype=np.int64), mask[0, :-2]])
+    return {"padded_": {"input_ids": ids, "attention_mask": mask},
+            "leftpad_": {"input_ids": left_ids, "attention_mask": left_mask}}
+
+
+def _text_outputs(model, inputs: Dict[str, np.ndarray], prefix: str) -> Dict[str, np.ndarray]:
+    import torch
+
+    ids, mask = torch.from_numpy(inputs["input_ids"]), torch.from_numpy(inputs["attention_mask"])
+    with torch.no_grad():
+        out = model.text_model(input_ids=ids, attention_mask=mask, output_attentions=True, return_dict=True)
+        features = model.get_text_features(input_ids=ids, attention_mask=mask)
+    result = dict(inputs)
+    result.update({
+        "text_last_hidden_state": _np(out.last_hidden_state),
+        "text_pooler_output": _np(out.pooler_output),
+        "text_attentions": np.stack([_np(a) for a in out.attentions]),
+        "text_features": _np(features),
+    })
+    return {prefix + key: value for key, value in result.items()}
+
+
 def _assignments(outputs: Dict[str, np.ndarray], prefix: str = "") -> List[np.ndarray]:
     count = sum(1 for key in outputs if key.startswith(prefix + "assignment_"))
     return [outputs[f"{prefix}assignment_{i}"] for i in range(count)]
@@ -225,6 +267,8 @@ def make_golden(name: str, out_dir: str) -> Dict[str, Any]:
                         return_loss=True, return_dict=True)
             record["loss_square"] = _np(out.loss).astype(np.float32)
             record["loss_square_size"] = np.asarray(square, dtype=np.int64)
+    for prefix, text_inputs in _padded_texts(config, chosen).items():
+        record.update(_text_outputs(model, text_inputs, prefix))
     _check_finite(name, record)
 
     checksum = state_checksum(state)

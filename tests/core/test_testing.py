@@ -18,19 +18,22 @@ from groupvit_core.testing import (
     state_checksum,
     test_config as make_test_config,
     text_special_ids,
+    tolerance_kind,
 )
 from groupvit_core.weights import weight_specs
 
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "golden")
 
 # Every golden file holds these keys (plus interp_* where an interpolation run was recorded).
+PADDED_TEXT_KEYS = ("input_ids", "attention_mask", "text_last_hidden_state", "text_pooler_output", "text_attentions",
+                    "text_features")
 GOLDEN_KEYS = {
     "input_ids", "attention_mask", "pixel_values", "logits_per_image", "logits_per_text", "text_embeds",
     "image_embeds", "segmentation_logits", "text_last_hidden_state", "text_pooler_output", "text_hidden_states",
     "text_attentions", "vision_last_hidden_state", "vision_pooler_output", "vision_hidden_states_0",
     "assignment_0", "text_features", "image_features", "transformers_version", "torch_version", "config_json",
     "weights_seed", "input_seed", "weights_sha256", "weights_sum", "min_assignment_margin",
-}
+} | {prefix + key for prefix in ("padded_", "leftpad_") for key in PADDED_TEXT_KEYS}
 
 
 @pytest.fixture(scope="module")
@@ -258,6 +261,13 @@ def _load_golden(name):
         return {key: data[key] for key in data.files}
 
 
+def test_tolerance_kind_ignores_the_golden_run_prefixes():
+    assert tolerance_kind("text_attentions[3]") == tolerance_kind("padded_text_attentions[3]") == "attentions"
+    assert tolerance_kind("leftpad_text_features") == tolerance_kind("text_features") == "features"
+    assert tolerance_kind("interp_segmentation_logits") == "segmentation"
+    assert tolerance_kind("padded_text_last_hidden_state") == "hidden"
+
+
 @pytest.mark.parametrize("name", GOLDEN_CONFIGS)
 def test_golden_file_matches_the_generators(name):
     golden = _load_golden(name)
@@ -295,6 +305,15 @@ def test_golden_file_is_consistent_with_its_config(name):
     np.testing.assert_array_equal(golden["logits_per_text"], golden["logits_per_image"].T)
     assert golden["text_hidden_states"].shape == (text.num_hidden_layers + 1, texts, seq, text.hidden_size)
     assert golden["text_attentions"].shape == (text.num_hidden_layers, texts, text.num_attention_heads, seq, seq)
+    # The padded text runs: every text right-padded (the last key masked for all), then the first left-padded.
+    padded, leftpad = golden["padded_attention_mask"], golden["leftpad_attention_mask"]
+    assert padded.shape == leftpad.shape == golden["padded_input_ids"].shape
+    assert not padded[:, -1].any() and padded[:, 0].all() and not leftpad[0, 0] and leftpad[1:, 0].all()
+    for prefix in ("padded_", "leftpad_"):
+        batch, length = golden[prefix + "input_ids"].shape
+        assert golden[prefix + "text_attentions"].shape == (
+            text.num_hidden_layers, batch, text.num_attention_heads, length, length)
+        assert golden[prefix + "text_last_hidden_state"].shape == (batch, length, text.hidden_size)
     assert golden["segmentation_logits"].shape == (images, texts, vision.image_size, vision.image_size)
     stages = [s for s in vision.stages if s.has_downsample]
     for i, stage in enumerate(stages):

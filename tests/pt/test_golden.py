@@ -24,6 +24,7 @@ from groupvit_pt import GroupViTModel  # noqa: E402
 
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "golden")
 FORMATS = ("safetensors", "h5", "bin")
+PADDED_TEXT_RUNS = ("padded_", "leftpad_")
 
 def _golden_path(name: str) -> str:
     return os.path.join(GOLDEN_DIR, f"model_{name}.npz")
@@ -130,6 +131,19 @@ def _compare(golden: Dict[str, np.ndarray], ordered: List[Tuple[str, torch.Tenso
     return problems
 
 
+def _padded_text(model: GroupViTModel, golden: Dict[str, np.ndarray], prefix: str
+                 ) -> List[Tuple[str, torch.Tensor]]:
+    """The text outputs of the forward on the golden file's ``prefix`` text batch (every text right-padded, or one
+    left-padded) and its text features."""
+    ids, mask = golden[prefix + "input_ids"], golden[prefix + "attention_mask"]
+    with torch.no_grad():
+        out = model(ids, golden["pixel_values"], attention_mask=mask, output_attentions=True).text_model_output
+        features = model.get_text_features(ids, attention_mask=mask)
+    ordered = [(f"{prefix}text_attentions[{i}]", weights) for i, weights in enumerate(out.attentions)]
+    return ordered + [(prefix + "text_last_hidden_state", out.last_hidden_state),
+                      (prefix + "text_pooler_output", out.pooler_output), (prefix + "text_features", features)]
+
+
 def _check_model(model: GroupViTModel, name: str) -> None:
     golden = _golden(name)
     ids, mask, pixels = golden["input_ids"], golden["attention_mask"], golden["pixel_values"]
@@ -139,12 +153,17 @@ def _check_model(model: GroupViTModel, name: str) -> None:
     with torch.no_grad():
         ordered.append(("text_features", model.get_text_features(ids, attention_mask=mask)))
         ordered.append(("image_features", model.get_image_features(pixels)))
+    for prefix in PADDED_TEXT_RUNS:
+        ordered += _padded_text(model, golden, prefix)
+    with torch.no_grad():
         if "loss_square" in golden:
             k = int(golden["loss_square_size"])
             out = model(ids[:k], pixels[:k], attention_mask=mask[:k], return_loss=True)
             ordered.append(("loss_square", out.loss))
     computed = {key.split("[")[0] for key, _ in ordered}
-    recorded = {k for k in golden if k not in ("input_ids", "attention_mask", "pixel_values", "interp_pixel_values")
+    inputs = {"input_ids", "attention_mask", "pixel_values", "interp_pixel_values"}
+    inputs |= {prefix + key for prefix in PADDED_TEXT_RUNS for key in ("input_ids", "attention_mask")}
+    recorded = {k for k in golden if k not in inputs
                 and golden[k].dtype.kind == "f" and k not in ("weights_sum", "min_assignment_margin")}
     assert recorded <= computed, f"golden tensors this test does not check: {sorted(recorded - computed)}"
     problems = _compare(golden, ordered)

@@ -26,7 +26,9 @@ FORMATS = ("safetensors", "h5", "bin")
 
 METADATA = {"transformers_version", "torch_version", "config_json", "weights_seed", "input_seed", "weights_sha256",
             "weights_sum", "min_assignment_margin", "loss_square_size"}
+PADDED_TEXT_RUNS = ("padded_", "leftpad_")
 INPUTS = {"input_ids", "attention_mask", "pixel_values", "interp_pixel_values"}
+INPUTS |= {prefix + key for prefix in PADDED_TEXT_RUNS for key in ("input_ids", "attention_mask")}
 
 
 def _np(value):
@@ -70,6 +72,19 @@ def _forward(model, golden, pixels, prefix, interpolate, with_loss):
     return [(prefix + key, _np(value)) for key, value in ordered]
 
 
+def _padded_text(model, golden, prefix):
+    """The text outputs of the forward on the golden file's ``prefix`` text batch (every text right-padded, or one
+    left-padded), from its first (eager) and second (traced) call, and its text features."""
+    ids, mask = golden[prefix + "input_ids"], golden[prefix + "attention_mask"]
+    ordered = []
+    for _ in range(2):
+        out = model(ids, golden["pixel_values"], attention_mask=mask, output_attentions=True).text_model_output
+        ordered += [("text_attentions", np.stack([_np(a) for a in out.attentions])),
+                    ("text_last_hidden_state", out.last_hidden_state), ("text_pooler_output", out.pooler_output)]
+    ordered.append(("text_features", model.get_text_features(ids, attention_mask=mask)))
+    return [(prefix + key, _np(value)) for key, value in ordered]
+
+
 def _compare(name, golden, results):
     compared = set()
     for key, value in results:
@@ -96,6 +111,8 @@ def _check_model(name, model, golden, full=True):
                                                           attention_mask=golden["attention_mask"])),
                 ("image_features", model.get_image_features(golden["pixel_values"]))]
     compared |= _compare(name, golden, [(key, _np(value)) for key, value in features])
+    for prefix in PADDED_TEXT_RUNS:
+        compared |= _compare(name, golden, _padded_text(model, golden, prefix))
     if "loss_square" in golden:
         size = int(golden["loss_square_size"])
         out = model(golden["input_ids"][:size], golden["pixel_values"][:size],
