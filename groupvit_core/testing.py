@@ -208,6 +208,17 @@ def _vision_config(config: AnyConfig) -> Optional[GroupViTVisionConfig]:
     return config if isinstance(config, GroupViTVisionConfig) else None
 
 
+#: Text padding masks for 3 texts of 9 tokens, each with how many leading positions the text attention needs as
+#: keys (groupvit_pt / groupvit_tf leave out the keys past the last one any text attends to, unless a text is
+#: masked at its first position, whose first rows then see only masked keys).
+PADDING_CASES: Dict[str, Tuple[Tuple[Tuple[int, ...], ...], int]] = {
+    "right": (((1, 1, 1, 1, 0, 0, 0, 0, 0), (1, 1, 1, 1, 1, 1, 0, 0, 0), (1, 1, 0, 0, 0, 0, 0, 0, 0)), 6),
+    "holes": (((1, 0, 1, 1, 0, 0, 0, 0, 0), (1, 1, 1, 0, 1, 0, 0, 0, 0), (1, 1, 0, 0, 0, 0, 0, 0, 0)), 5),
+    "left": (((0, 0, 1, 1, 1, 1, 0, 0, 0), (1, 1, 1, 1, 1, 1, 0, 0, 0), (1, 1, 0, 0, 0, 0, 0, 0, 0)), 9),
+    "last_used": (((1, 1, 1, 1, 0, 0, 0, 0, 1), (1, 1, 1, 1, 1, 1, 0, 0, 0), (1, 1, 0, 0, 0, 0, 0, 0, 0)), 9),
+}
+
+
 def text_special_ids(text_config: GroupViTTextConfig) -> Tuple[Optional[int], int, int]:
     """(start id or None, end id, padding id) that random_inputs uses for ``text_config``.
 

@@ -193,6 +193,20 @@ def _linear(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, acti
     return out.add_(residual) if in_place else residual + out
 
 
+def _attended_keys(attended: torch.Tensor) -> int:
+    """How many leading positions the padded causal attention needs as keys; ``attended``: (batch, length) bool.
+
+    Past the last position any text attends to, every key is masked (finfo.min) in every row, so its weight is
+    exactly zero wherever a row has an unmasked key: always when each text attends to its first position (causally
+    visible to every query). Otherwise (a text masked at position 0) a row may see only masked keys, where the
+    reference spreads the weight over them: then all positions are kept. Prompts padded to 77 tokens keep ~10-20.
+    """
+    length = attended.shape[1]
+    if not bool(attended[:, 0].all()):
+        return length
+    return int(attended.any(dim=0).nonzero().max()) + 1
+
+
 def _combine_masks(attention_mask: Optional[torch.Tensor], causal: bool, query_length: int, key_length: int,
                    dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
     """One additive mask from a boolean (True = attend) or additive mask and the causal rule.
@@ -252,15 +266,21 @@ class GroupViTAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, causal: bool = False,
-                output_attentions: bool = False, residual: Optional[torch.Tensor] = None
-                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                output_attentions: bool = False, residual: Optional[torch.Tensor] = None,
+                key_length: Optional[int] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Returns (output, attention probabilities (batch, heads, query, key) if ``output_attentions``).
 
         ``attention_mask`` is boolean (True = attend) or additive, broadcastable to (batch, heads, query, key).
         With ``residual`` the output is ``residual + attention`` (the addition fused into the last GEMM).
+        ``key_length`` (self-attention): only the first ``key_length`` positions are keys, the caller having
+        established that every later one gets zero weight in every row; ``attention_mask`` then covers those keys
+        only, and the probabilities are returned zero-padded to all positions.
         """
         batch, query_length, hidden = hidden_states.shape
-        if encoder_hidden_states is None:
+        if encoder_hidden_states is None and key_length is not None and key_length < query_length:
+            query = F.linear(hidden_states, self.q_proj.weight, self.q_proj.bias)
+            key, value = self._project(hidden_states[:, :key_length], (self.k_proj, self.v_proj))
+        elif encoder_hidden_states is None:
             query, key, value = self._project(hidden_states, (self.q_proj, self.k_proj, self.v_proj))
         else:
             query = self.q_proj(hidden_states)
@@ -277,6 +297,8 @@ class GroupViTAttention(nn.Module):
             weights = scores.softmax(dim=-1)
             probabilities = F.dropout(weights, p=dropout, training=True) if dropout else weights
             context = torch.matmul(probabilities, value)
+            if key.shape[2] < query_length:  # the keys left out had zero weight: as zeros in the probabilities
+                weights = F.pad(weights, (0, query_length - key.shape[2]))
         elif causal and attention_mask is None:
             context = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True,
                                                      scale=self._scale)
@@ -337,11 +359,11 @@ class GroupViTEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                causal: bool = False, output_attentions: bool = False
+                causal: bool = False, output_attentions: bool = False, key_length: Optional[int] = None
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         hidden_states, weights = self.self_attn(self.layer_norm1(hidden_states), attention_mask=attention_mask,
                                                 causal=causal, output_attentions=output_attentions,
-                                                residual=hidden_states)
+                                                residual=hidden_states, key_length=key_length)
         hidden_states = self.mlp(self.layer_norm2(hidden_states), residual=hidden_states)
         return hidden_states, weights
 
@@ -579,13 +601,13 @@ class GroupViTTextEncoder(nn.Module):
         self.layers = nn.ModuleList([GroupViTEncoderLayer(config) for _ in range(config.num_hidden_layers)])
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                causal: bool = True, output_attentions: bool = False, output_hidden_states: bool = False
-                ) -> Tuple[torch.Tensor, Optional[tuple], Optional[tuple]]:
+                causal: bool = True, output_attentions: bool = False, output_hidden_states: bool = False,
+                key_length: Optional[int] = None) -> Tuple[torch.Tensor, Optional[tuple], Optional[tuple]]:
         all_hidden = [hidden_states] if output_hidden_states else None
         all_weights = [] if output_attentions else None
         for layer in self.layers:
             hidden_states, weights = layer(hidden_states, attention_mask=attention_mask, causal=causal,
-                                           output_attentions=output_attentions)
+                                           output_attentions=output_attentions, key_length=key_length)
             if output_hidden_states:
                 all_hidden.append(hidden_states)
             if output_attentions:
@@ -638,13 +660,14 @@ class GroupViTTextTransformer(nn.Module):
             position_ids = _as_position_ids(position_ids, input_ids, device)
         return input_ids, attention_mask, position_ids
 
-    def _padding_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _padding_mask(self, attention_mask: torch.Tensor, query_length: Optional[int] = None) -> torch.Tensor:
         # As the reference: every key whose mask is not 1 gets finfo.min, added to the causal mask; built once for
-        # all layers. (batch, length) -> (batch, 1, 1, length) + (length, length)
+        # all layers. (batch, keys) -> (batch, 1, 1, keys) + (queries, keys); queries default to the keys.
         dtype, length = attention_mask.dtype, attention_mask.shape[1]
         padding = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
         padding = padding.masked_fill(attention_mask != 1, torch.finfo(dtype).min)
-        return _combine_masks(padding[:, None, None, :], True, length, length, dtype, attention_mask.device)
+        return _combine_masks(padding[:, None, None, :], True, query_length or length, length, dtype,
+                              attention_mask.device)
 
     def _pooling_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self._legacy_eos_pooling:
@@ -658,13 +681,14 @@ class GroupViTTextTransformer(nn.Module):
                 output_hidden_states: bool = False) -> BaseModelOutputWithPooling:
         input_ids, attention_mask, position_ids = self._inputs(input_ids, attention_mask, position_ids)
         hidden_states = self.embeddings(input_ids, position_ids)
-        mask, causal = None, True
+        mask, causal, keys = None, True, None
         if attention_mask is not None and not bool((attention_mask == 1).all()):
             # Without padding the causal rule alone lets SDPA take its is_causal path.
-            mask, causal = self._padding_mask(attention_mask), False
+            keys = _attended_keys(attention_mask == 1)
+            mask, causal = self._padding_mask(attention_mask[:, :keys], input_ids.shape[1]), False
         last, hidden_states, weights = self.encoder(hidden_states, attention_mask=mask, causal=causal,
                                                     output_attentions=output_attentions,
-                                                    output_hidden_states=output_hidden_states)
+                                                    output_hidden_states=output_hidden_states, key_length=keys)
         last = self.final_layer_norm(last)
         pooled = last[torch.arange(last.shape[0], device=last.device), self._pooling_positions(input_ids)]
         return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden_states,

@@ -246,12 +246,19 @@ class TFGroupViTAttention(keras.layers.Layer):
         return [query * self._scale, key, value]
 
     def call(self, hidden_states, encoder_hidden_states=None, attention_mask=None, causal: bool = False,
-             output_attentions: bool = False, residual=None, training: bool = False):
+             output_attentions: bool = False, residual=None, key_length=None, training: bool = False):
         """Returns (output, probabilities or None). ``attention_mask``: boolean (True = attend) or additive,
-        broadcastable to (batch, heads, queries, keys). With ``residual`` the output is ``residual + attention``."""
+        broadcastable to (batch, heads, queries, keys). With ``residual`` the output is ``residual + attention``.
+        ``key_length`` (self-attention, a scalar tensor): only the first ``key_length`` positions are keys, the
+        caller having established that every later one gets zero weight in every row; ``attention_mask`` then
+        covers those keys only, and the probabilities are returned zero-padded to all positions."""
         compiled = (_XLA_ATTENTION and attention_mask is None and not causal and not output_attentions
                     and not (training and self._dropout > 0) and not tf.executing_eagerly())
-        if encoder_hidden_states is None and not compiled:
+        if encoder_hidden_states is None and key_length is not None:
+            query = self._split_heads(_linear(hidden_states, self.q_proj.kernel, self.q_proj.bias) * self._scale)
+            key, value = self._project(hidden_states[:, :key_length], (self.k_proj, self.v_proj))
+            key, value = self._split_heads(key), self._split_heads(value)
+        elif encoder_hidden_states is None and not compiled:
             query, key, value = self._project_heads(hidden_states)
         else:
             query = _linear(hidden_states, self.q_proj.kernel, self.q_proj.bias)
@@ -277,7 +284,12 @@ class TFGroupViTAttention(keras.layers.Layer):
         output = tf.matmul(dropped, value)  # (batch, heads, queries, head_dim)
         output = tf.transpose(output, [0, 2, 1, 3])
         output = tf.reshape(output, [tf.shape(output)[0], tf.shape(output)[1], self._hidden_size])
-        return _linear(output, self.out_proj.kernel, self.out_proj.bias, residual), (probs if output_attentions else None)
+        output = _linear(output, self.out_proj.kernel, self.out_proj.bias, residual)
+        if not output_attentions:
+            return output, None
+        if key_length is not None:  # the keys left out had zero weight: as zeros in the probabilities
+            probs = tf.pad(probs, [[0, 0], [0, 0], [0, 0], [0, tf.shape(probs)[2] - tf.shape(probs)[3]]])
+        return output, probs
 
 
 class TFGroupViTMLP(keras.layers.Layer):
@@ -332,10 +344,11 @@ class TFGroupViTEncoderLayer(keras.layers.Layer):
         self.layer_norm2 = _layer_norm(hidden, config.layer_norm_eps, "layer_norm2")
         self.built = True
 
-    def call(self, hidden_states, attention_mask=None, output_attentions: bool = False, training: bool = False):
+    def call(self, hidden_states, attention_mask=None, output_attentions: bool = False, key_length=None,
+             training: bool = False):
         hidden_states, probs = self.self_attn(_pre_norm(self.layer_norm1, hidden_states, training),
                                               attention_mask=attention_mask, output_attentions=output_attentions,
-                                              residual=hidden_states, training=training)
+                                              residual=hidden_states, key_length=key_length, training=training)
         hidden_states = self.mlp(_pre_norm(self.layer_norm2, hidden_states, training), residual=hidden_states,
                                  training=training)
         return hidden_states, probs
@@ -638,7 +651,7 @@ class TFGroupViTTextEncoder(keras.layers.Layer):
         self.built = True
 
     def call(self, hidden_states, attention_mask=None, output_attentions: bool = False,
-             output_hidden_states: bool = False, training: bool = False):
+             output_hidden_states: bool = False, key_length=None, training: bool = False):
         """-> (last hidden state, hidden states (input of each layer + last) or None, attentions or None)."""
         all_hidden = [] if output_hidden_states else None
         all_attentions = [] if output_attentions else None
@@ -646,7 +659,8 @@ class TFGroupViTTextEncoder(keras.layers.Layer):
             if output_hidden_states:
                 all_hidden.append(hidden_states)
             hidden_states, probs = layer(hidden_states, attention_mask=attention_mask,
-                                         output_attentions=output_attentions, training=training)
+                                         output_attentions=output_attentions, key_length=key_length,
+                                         training=training)
             if output_attentions:
                 all_attentions.append(probs)
         if output_hidden_states:
@@ -725,15 +739,32 @@ class TFGroupViTTextTransformer(keras.layers.Layer):
                                                         message="position_ids must have the length of input_ids"))
         return checks
 
-    def _additive_mask(self, input_ids, attention_mask) -> tf.Tensor:
-        # As the reference: causal (0 / float min) + padding (0 where mask == 1, float min elsewhere).
+    def _additive_mask(self, input_ids, attention_mask, key_length=None) -> tf.Tensor:
+        # As the reference: causal (0 / float min) + padding (0 where mask == 1, float min elsewhere), over the
+        # first key_length keys (default: all positions).
         length = tf.shape(input_ids)[1]
-        lower = tf.cast(tf.linalg.band_part(tf.ones([length, length]), -1, 0), tf.bool)
-        mask = tf.where(lower, 0.0, _FLOAT_MIN)[None, None]  # (1, 1, L, L)
+        keys = length if key_length is None else key_length
+        lower = tf.cast(tf.linalg.band_part(tf.ones([length, keys]), -1, 0), tf.bool)
+        mask = tf.where(lower, 0.0, _FLOAT_MIN)[None, None]  # (1, 1, L, keys)
         if attention_mask is not None:
-            padding = tf.where(tf.equal(tf.cast(attention_mask, tf.float32), 1.0), 0.0, _FLOAT_MIN)
-            mask = mask + padding[:, None, None, :]  # (batch, 1, L, L)
+            padding = tf.where(tf.equal(tf.cast(attention_mask[:, :keys], tf.float32), 1.0), 0.0, _FLOAT_MIN)
+            mask = mask + padding[:, None, None, :]  # (batch, 1, L, keys)
         return mask
+
+    @staticmethod
+    def _attended_keys(attention_mask) -> tf.Tensor:
+        """How many leading positions the padded causal attention needs as keys (a scalar int32 tensor).
+
+        Past the last position any text attends to, every key is masked (float min) in every row, so its weight
+        is exactly zero wherever a row has an unmasked key: always when each text attends to its first position
+        (causally visible to every query). Otherwise (a text masked at position 0) a row may see only masked
+        keys, where the reference spreads the weight over them: then all positions are kept. Prompts padded to 77
+        tokens keep ~10-20. As groupvit_pt.
+        """
+        attended = tf.equal(tf.cast(attention_mask, tf.float32), 1.0)
+        length = tf.shape(attention_mask)[1]
+        last = tf.reduce_max(tf.where(tf.reduce_any(attended, axis=0), tf.range(length), -1)) + 1
+        return tf.where(tf.reduce_all(attended[:, 0]), last, length)
 
     def _pooling_positions(self, input_ids) -> tf.Tensor:
         length = tf.shape(input_ids)[1]
@@ -751,10 +782,11 @@ class TFGroupViTTextTransformer(keras.layers.Layer):
         with tf.control_dependencies(checks):
             input_ids = tf.identity(input_ids)
         hidden_states = self.embeddings(input_ids, position_ids=position_ids)
-        mask = self._additive_mask(input_ids, attention_mask)
+        keys = None if attention_mask is None else self._attended_keys(attention_mask)
+        mask = self._additive_mask(input_ids, attention_mask, keys)
         last, all_hidden, all_attentions = self.encoder(
             hidden_states, attention_mask=mask, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, training=training)
+            output_hidden_states=output_hidden_states, key_length=keys, training=training)
         last = self.final_layer_norm(last)
         pooled = tf.gather(last, self._pooling_positions(input_ids), batch_dims=1)  # (batch, hidden)
         return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=all_hidden,

@@ -15,7 +15,7 @@ F = torch.nn.functional
 from groupvit_core import checkpoint  # noqa: E402
 from groupvit_core.config import GroupViTConfig  # noqa: E402
 from groupvit_core.outputs import BaseModelOutputWithPooling, GroupViTModelOutput  # noqa: E402
-from groupvit_core.testing import random_inputs, random_weights, test_config  # noqa: E402
+from groupvit_core.testing import PADDING_CASES, random_inputs, random_weights, test_config  # noqa: E402
 from groupvit_pt import GroupViTModel, GroupViTTextModel, GroupViTVisionModel  # noqa: E402
 from groupvit_pt import modeling  # noqa: E402
 
@@ -188,6 +188,32 @@ def test_attention_module_matches_explicit_softmax():
             causal = torch.zeros(5, 5).masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), -torch.inf)
             got = attention(query, causal=True, output_attentions=out_attn)[0]
             torch.testing.assert_close(got, explicit(query, query, causal))
+
+
+@pytest.mark.parametrize("padding", sorted(PADDING_CASES))
+def test_padded_text_leaves_out_keys_no_text_attends(tiny, padding):
+    """The forward runs the text attention over the keys up to the last one any text attends to: as the
+    reference's attention over all positions (the rest have zero weight), padded positions' outputs included;
+    a text masked at its first position keeps them all (its first rows see only masked keys)."""
+    mask, kept = PADDING_CASES[padding]
+    mask = np.array(mask)
+    ids = _inputs(tiny.config, images=0, texts=3, text_lengths=[9, 9, 9])["input_ids"]
+    assert modeling._attended_keys(torch.from_numpy(mask) == 1) == kept
+    text = tiny.text_model
+    with torch.no_grad():
+        out = text(ids, attention_mask=mask, output_attentions=True)
+        fast = text(ids, attention_mask=mask)
+        # every position as a key, through the same layers
+        padding_mask = text._padding_mask(torch.from_numpy(mask).float())
+        hidden = text.embeddings(torch.from_numpy(ids))
+        last, _, weights = text.encoder(hidden, attention_mask=padding_mask, causal=False, output_attentions=True)
+        last = text.final_layer_norm(last)
+    torch.testing.assert_close(out.last_hidden_state, last, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast.last_hidden_state, last, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(out.attentions, weights, strict=True):
+        assert got.shape == expected.shape == (3, tiny.config.text_config.num_attention_heads, 9, 9)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        assert float(got[..., kept:].abs().sum()) == 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from groupvit_core import loading  # noqa: E402
 from groupvit_core.config import GroupViTConfig  # noqa: E402
 from groupvit_core.outputs import BaseModelOutputWithPooling, GroupViTModelOutput  # noqa: E402
 from groupvit_core.resize import bilinear_matrix, resize_grid  # noqa: E402
-from groupvit_core.testing import random_inputs, random_weights, test_config  # noqa: E402
+from groupvit_core.testing import PADDING_CASES, random_inputs, random_weights, test_config  # noqa: E402
 from groupvit_core.weights import weight_specs  # noqa: E402
 from groupvit_tf import TFGroupViTModel, TFGroupViTTextModel, TFGroupViTVisionModel  # noqa: E402
 from groupvit_tf import modeling  # noqa: E402
@@ -381,6 +381,37 @@ def test_tf_function_dynamic_batch_and_length(micro, micro_inputs, traced):
         for got, want in zip(out.vision_model_output.attentions, expected.vision_model_output.attentions):
             np.testing.assert_allclose(_np(got), _np(want), atol=1e-6)
     assert traced.experimental_get_tracing_count() == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_text(tiny):
+    return _loaded(TFGroupViTTextModel, tiny[0].text_config)
+
+
+@pytest.mark.parametrize("padding", sorted(PADDING_CASES))
+def test_padded_text_leaves_out_keys_no_text_attends(tiny, tiny_text, padding):
+    """The forward runs the text attention over the keys up to the last one any text attends to, eagerly and
+    traced: as the reference's attention over all positions (the rest have zero weight), padded positions'
+    outputs included; a text masked at its first position keeps them all (its first rows see only masked keys)."""
+    mask, kept = PADDING_CASES[padding]
+    ids = tf.constant(random_inputs(tiny[0], 0, 3, seed=1, text_lengths=[9, 9, 9])["input_ids"])
+    mask = tf.constant(mask, dtype=tf.int64)
+    text = tiny_text.text_model
+    assert int(text._attended_keys(mask)) == kept
+    eager = text(ids, attention_mask=mask, output_attentions=True)
+    outputs = [tiny_text(ids, attention_mask=mask, output_attentions=True) for _ in range(2)]  # traced from the 2nd
+    # every position as a key, through the same layers
+    last, _, weights = text.encoder(text.embeddings(ids), attention_mask=text._additive_mask(ids, mask),
+                                    output_attentions=True)
+    last = text.final_layer_norm(last)
+    for out, tolerance in zip([eager] + outputs, (1e-6, 1e-5, 1e-5)):
+        np.testing.assert_allclose(_np(out.last_hidden_state), _np(last), rtol=tolerance, atol=tolerance)
+        assert len(out.attentions) == len(weights)
+        for got, expected in zip(out.attentions, weights):
+            assert tuple(got.shape) == tuple(expected.shape) == (3, tiny[0].text_config.num_attention_heads, 9, 9)
+            np.testing.assert_allclose(_np(got), _np(expected), rtol=tolerance, atol=tolerance)
+            assert not np.any(_np(got)[..., kept:])
+    assert any(tiny_text.__dict__["_graph_functions"].values()), "no call ran a traced graph"
 
 
 def test_inference_calls_run_eagerly_once_then_reuse_one_traced_graph(micro, micro_inputs):
