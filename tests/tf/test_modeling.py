@@ -414,6 +414,22 @@ def test_padded_text_leaves_out_keys_no_text_attends(tiny, tiny_text, padding):
     assert any(tiny_text.__dict__["_graph_functions"].values()), "no call ran a traced graph"
 
 
+def test_padded_text_leaves_out_keys_under_xla(tiny, tiny_text):
+    """The kept key count is a run-time value: XLA compiles it as a bounded dynamic size."""
+    mask = tf.constant(PADDING_CASES["right"][0], dtype=tf.int64)
+    ids = tf.constant(random_inputs(tiny[0], 0, 3, seed=1, text_lengths=[9, 9, 9])["input_ids"])
+    text = tiny_text.text_model
+
+    @tf.function(jit_compile=True)
+    def run(input_ids, attention_mask):
+        return text(input_ids, attention_mask=attention_mask, output_attentions=True)
+
+    out, expected = run(ids, mask), text(ids, attention_mask=mask, output_attentions=True)
+    np.testing.assert_allclose(_np(out.last_hidden_state), _np(expected.last_hidden_state), rtol=1e-5, atol=1e-5)
+    for got, want in zip(out.attentions, expected.attentions):
+        np.testing.assert_allclose(_np(got), _np(want), rtol=1e-5, atol=1e-5)
+
+
 def test_inference_calls_run_eagerly_once_then_reuse_one_traced_graph(micro, micro_inputs):
     config, _ = micro
     model = _loaded(TFGroupViTModel, config)  # a fresh model: no cached graph functions
