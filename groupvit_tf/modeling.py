@@ -29,9 +29,9 @@ TensorFlow specifics worth knowing:
   traces it (seconds at the default size), later ones skip Python and get TensorFlow's fused kernels.
   ``model.run_eagerly = True`` (Keras' switch) runs eagerly instead; ``model.jit_compile = True`` compiles the
   functions with XLA (Keras' "auto" does so on GPU only); on CPU that is no faster for large batches (0.94-1.06x
-  for 16 images' or 64 texts' features) but pays for small ones (the segmentation image pass of one 224 px image
-  0.70x, of four 0.85x, of one 448 px window 0.85x), and every new input shape, batch size included, compiles
-  again (3.5-5.5 s at the default size). Inside the layers the
+  for 16 images' or 64 texts' features) and pays only for single small images (the segmentation image pass of
+  one 224 px image 0.80x, of four 1.01x, of one 448 px window 1.05x), and every new input shape, batch size
+  included, compiles again (3.5-5.5 s at the default size). Inside the layers the
   masked (text) self-attention's q/k/v come from one GEMM split into heads by one transpose (elsewhere one GEMM
   per projection, see ``_project``), every dense layer is one 2-D MatMul + BiasAdd with the MLP's activation on
   its 2-D result (the pattern the graph optimizer fuses into one kernel), the encoder layers' LayerNorms in traced
@@ -102,37 +102,6 @@ def activation(name: str):
     if name not in _ACTIVATIONS:
         raise ValueError(f"unsupported activation {name!r}")
     return _ACTIVATIONS[name]
-
-
-# The vision tower's unmasked attention core (split heads, scaled scores, softmax, weighted sum, merge heads),
-# compiled by XLA inside graphs: TensorFlow has no fused attention kernel on CPU. Measured A/B in one process
-# (default size, 2 CPU threads): image features of 16 images 1690 -> 1560 ms, the full forward with segmentation
-# of 4 images x 8 texts 582 -> 540 ms, outputs within 2e-5. Masked (text) and causal attention stay as they are.
-_XLA_ATTENTION = True
-_COMPILED_ATTENTION: Dict[Tuple[int, int], Any] = {}
-
-
-def _attention_core(query: tf.Tensor, key: tf.Tensor, value: tf.Tensor, heads: int, hidden: int) -> tf.Tensor:
-    # hidden is passed in: with reduce_retracing the traced shapes may be fully unknown
-    batch, queries = tf.shape(query)[0], tf.shape(query)[1]
-    head_dim = hidden // heads
-
-    def split(tensor):
-        tensor = tf.reshape(tensor, [batch, tf.shape(tensor)[1], heads, head_dim])
-        return tf.transpose(tensor, [0, 2, 1, 3])
-
-    scores = tf.matmul(split(query * head_dim ** -0.5), split(key), transpose_b=True)
-    output = tf.matmul(tf.nn.softmax(scores, axis=-1), split(value))
-    return tf.reshape(tf.transpose(output, [0, 2, 1, 3]), [batch, queries, hidden])
-
-
-def _compiled_attention(heads: int, hidden: int):
-    compiled = _COMPILED_ATTENTION.get((heads, hidden))
-    if compiled is None:
-        compiled = _COMPILED_ATTENTION[(heads, hidden)] = tf.function(
-            lambda query, key, value: _attention_core(query, key, value, heads, hidden), jit_compile=True,
-            reduce_retracing=True)
-    return compiled
 
 
 def _first_max_one_hot(values: tf.Tensor, axis: int) -> tf.Tensor:
@@ -222,12 +191,11 @@ class TFGroupViTAttention(keras.layers.Layer):
 
     @staticmethod
     def _project(states: tf.Tensor, layers: Tuple[keras.layers.Dense, ...]) -> List[tf.Tensor]:
-        # One GEMM per projection where q, k and v are wanted as (batch, length, hidden) tensors (the compiled
-        # vision attention, cross-attention): here that beats one GEMM over the kernels concatenated at run time
-        # and a Split, whose copies (the kernels, 1.8 MB per vision layer on every call, and every output value)
-        # cost more than the wider GEMM saves. A/B in one process (default size, 2 CPU threads), outputs
-        # identical: image features of 16 images 0.95x, segmenting one image 0.93x (0.94x with its 20 prompts),
-        # the full forward 0.96x.
+        # One GEMM per projection for the vision tower's self-attention (unmasked), cross-attention and the padded
+        # text's keys: there that beats one GEMM over the kernels concatenated at run time and a Split, whose
+        # copies (the kernels, 1.8 MB per vision layer on every call, and every output value) cost more than the
+        # wider GEMM saves. A/B in one process (default size, 2 CPU threads), outputs identical: image features of
+        # 16 images 0.95x, segmenting one image 0.93x (0.94x with its 20 prompts), the full forward 0.96x.
         return [_linear(states, layer.kernel, layer.bias) for layer in layers]
 
     def _project_heads(self, states: tf.Tensor) -> List[tf.Tensor]:
@@ -252,21 +220,19 @@ class TFGroupViTAttention(keras.layers.Layer):
         ``key_length`` (self-attention, a scalar tensor): only the first ``key_length`` positions are keys, the
         caller having established that every later one gets zero weight in every row; ``attention_mask`` then
         covers those keys only, and the probabilities are returned zero-padded to all positions."""
-        compiled = (_XLA_ATTENTION and attention_mask is None and not causal and not output_attentions
-                    and not (training and self._dropout > 0) and not tf.executing_eagerly())
-        if encoder_hidden_states is None and key_length is not None:
-            query = self._split_heads(_linear(hidden_states, self.q_proj.kernel, self.q_proj.bias) * self._scale)
-            key, value = self._project(hidden_states[:, :key_length], (self.k_proj, self.v_proj))
-            key, value = self._split_heads(key), self._split_heads(value)
-        elif encoder_hidden_states is None and not compiled:
-            query, key, value = self._project_heads(hidden_states)
+        if encoder_hidden_states is None and (attention_mask is not None or causal) and key_length is None:
+            query, key, value = self._project_heads(hidden_states)  # the text tower
         else:
+            # The vision tower (unmasked), cross-attention, padded texts (keys and values of the first
+            # key_length positions). For the vision tower's self-attention these plain ops replaced an attention
+            # core compiled by XLA: A/B in one process (default size, 2 CPU threads, outputs within 2.6e-6), 16
+            # images' features 0.95-0.97x, one image's forward 0.96-0.98x, the full forward 0.99x, and the first
+            # traced call 0.3 s shorter (no XLA compile).
             query = _linear(hidden_states, self.q_proj.kernel, self.q_proj.bias)
             source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+            if key_length is not None:
+                source = source[:, :key_length]
             key, value = self._project(source, (self.k_proj, self.v_proj))
-            if compiled:
-                output = _compiled_attention(self._num_heads, self._hidden_size)(query, key, value)
-                return _linear(output, self.out_proj.kernel, self.out_proj.bias, residual), None
             query = self._split_heads(query * self._scale)
             key = self._split_heads(key)
             value = self._split_heads(value)
