@@ -15,7 +15,9 @@ scaled_dot_product_attention (its causal kernel when there is no padding); q/k/v
 stacked at run time, and quick_gelu's MLP is rescaled so that its activation is a single silu (both derived
 weights are cached while the parameters are unchanged, ``_derived_weights``); in inference the activation and
 the residual addition run in place on the GEMM's output (``_linear``); ``get_text_features`` runs the
-text layers only up to the last end-of-text token (``pooled_output``); from_pretrained builds on the meta device.
+text layers only up to the last end-of-text token (``pooled_output``), and the full forward's padded texts get
+no keys or values past the last position any text attends to (``_attended_keys``); from_pretrained builds on the
+meta device.
 """
 
 from __future__ import annotations

@@ -37,8 +37,8 @@ TensorFlow specifics worth knowing:
   its 2-D result (the pattern the graph optimizer fuses into one kernel), the encoder layers' LayerNorms in traced
   inference graphs on oneDNN CPUs take the form it fuses into one kernel (``_pre_norm``), and
   ``get_text_features`` runs the text layers only up to the last end-of-text token (``pooled_output``), as the
-  PyTorch twin. From a checkpoint the variables are created holding their values (no placeholder to fill and
-  overwrite).
+  PyTorch twin, whose rule for padded texts in the full forward it follows too (``_attended_keys``). From a
+  checkpoint the variables are created holding their values (no placeholder to fill and overwrite).
 """
 
 from __future__ import annotations
