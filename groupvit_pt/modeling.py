@@ -684,9 +684,10 @@ class GroupViTTextTransformer(nn.Module):
         input_ids, attention_mask, position_ids = self._inputs(input_ids, attention_mask, position_ids)
         hidden_states = self.embeddings(input_ids, position_ids)
         mask, causal, keys = None, True, None
-        if attention_mask is not None and not bool((attention_mask == 1).all()):
+        attended = None if attention_mask is None else attention_mask == 1
+        if attended is not None and not bool(attended.all()):
             # Without padding the causal rule alone lets SDPA take its is_causal path.
-            keys = _attended_keys(attention_mask == 1)
+            keys = _attended_keys(attended)
             mask, causal = self._padding_mask(attention_mask[:, :keys], input_ids.shape[1]), False
         last, hidden_states, weights = self.encoder(hidden_states, attention_mask=mask, causal=causal,
                                                     output_attentions=output_attentions,
