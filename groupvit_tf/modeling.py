@@ -104,6 +104,21 @@ def activation(name: str):
     return _ACTIVATIONS[name]
 
 
+def _attended_keys(attention_mask) -> tf.Tensor:
+    """How many leading positions the padded causal attention needs as keys (a scalar int32 tensor).
+
+    Past the last position any text attends to, every key is masked (float min) in every row, so its weight
+    is exactly zero wherever a row has an unmasked key: always when each text attends to its first position
+    (causally visible to every query). Otherwise (a text masked at position 0) a row may see only masked
+    keys, where the reference spreads the weight over them: then all positions are kept. Prompts padded to 77
+    tokens keep ~10-20. As groupvit_pt.
+    """
+    attended = tf.equal(tf.cast(attention_mask, tf.float32), 1.0)
+    length = tf.shape(attention_mask)[1]
+    last = tf.reduce_max(tf.where(tf.reduce_any(attended, axis=0), tf.range(length), -1)) + 1
+    return tf.where(tf.reduce_all(attended[:, 0]), last, length)
+
+
 def _first_max_one_hot(values: tf.Tensor, axis: int) -> tf.Tensor:
     # One-hot of the maximum along `axis`; exact ties go to the LOWEST index, as torch.max does.
     is_max = tf.equal(values, tf.reduce_max(values, axis=axis, keepdims=True))
@@ -717,21 +732,6 @@ class TFGroupViTTextTransformer(keras.layers.Layer):
             mask = mask + padding[:, None, None, :]  # (batch, 1, L, keys)
         return mask
 
-    @staticmethod
-    def _attended_keys(attention_mask) -> tf.Tensor:
-        """How many leading positions the padded causal attention needs as keys (a scalar int32 tensor).
-
-        Past the last position any text attends to, every key is masked (float min) in every row, so its weight
-        is exactly zero wherever a row has an unmasked key: always when each text attends to its first position
-        (causally visible to every query). Otherwise (a text masked at position 0) a row may see only masked
-        keys, where the reference spreads the weight over them: then all positions are kept. Prompts padded to 77
-        tokens keep ~10-20. As groupvit_pt.
-        """
-        attended = tf.equal(tf.cast(attention_mask, tf.float32), 1.0)
-        length = tf.shape(attention_mask)[1]
-        last = tf.reduce_max(tf.where(tf.reduce_any(attended, axis=0), tf.range(length), -1)) + 1
-        return tf.where(tf.reduce_all(attended[:, 0]), last, length)
-
     def _pooling_positions(self, input_ids) -> tf.Tensor:
         length = tf.shape(input_ids)[1]
         positions = tf.range(length)[None, :]
@@ -748,7 +748,7 @@ class TFGroupViTTextTransformer(keras.layers.Layer):
         with tf.control_dependencies(checks):
             input_ids = tf.identity(input_ids)
         hidden_states = self.embeddings(input_ids, position_ids=position_ids)
-        keys = None if attention_mask is None else self._attended_keys(attention_mask)
+        keys = None if attention_mask is None else _attended_keys(attention_mask)
         mask = self._additive_mask(input_ids, attention_mask, keys)
         last, all_hidden, all_attentions = self.encoder(
             hidden_states, attention_mask=mask, output_attentions=output_attentions,

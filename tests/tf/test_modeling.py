@@ -397,7 +397,7 @@ def test_padded_text_leaves_out_keys_no_text_attends(tiny, tiny_text, padding):
     ids = tf.constant(random_inputs(tiny[0], 0, 3, seed=1, text_lengths=[9, 9, 9])["input_ids"])
     mask = tf.constant(mask, dtype=tf.int64)
     text = tiny_text.text_model
-    assert int(text._attended_keys(mask)) == kept
+    assert int(modeling._attended_keys(mask)) == kept
     eager = text(ids, attention_mask=mask, output_attentions=True)
     outputs = [tiny_text(ids, attention_mask=mask, output_attentions=True) for _ in range(2)]  # traced from the 2nd
     # every position as a key, through the same layers
